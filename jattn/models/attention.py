@@ -1,0 +1,185 @@
+"""The attention seam: the one attention function every UNet attention call goes through.
+
+Legend (used in shapes and einsum strings throughout jattn):
+  B batch, T query tokens, S key tokens, N heads, H head dim, C channels.
+
+Every self- and cross-attention of the UNet calls :func:`attend` with a static
+:class:`AttentionSite` describing the call (its diffusers path, kind, query resolution,
+heads, head dim), the projected query/key/value, the attention policy given to the UNet
+and the denoising step index. With no policy (or a policy with no rule for the site) the
+fused kernel ``jax.nn.dot_product_attention`` runs; attention probabilities are
+materialised only when a policy asks for them (:func:`attention_probs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Aux = dict  # a (possibly empty) pytree of arrays a policy records at one site
+
+__all__ = [
+    "AttentionSite",
+    "AttentionPolicy",
+    "attend",
+    "attention_logits",
+    "attention_probs",
+    "apply_probs",
+    "default_attention",
+    "SiteRecorder",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSite:
+    """Static description of one attention call of a model (hashable).
+
+    Attributes:
+      path: the layer's diffusers module path, e.g.
+        ``"up_blocks.1.attentions.0.transformer_blocks.0.attn2"``.
+      kind: ``"self"`` or ``"cross"``.
+      resolution: ``(h, w)`` of the query grid in latent cells (T = h*w query tokens).
+      num_heads: N.
+      head_dim: H.
+      block: the diffusers block the site sits in: ``"down"``, ``"mid"`` or ``"up"``.
+    """
+
+    path: str
+    kind: Literal["self", "cross"]
+    resolution: tuple[int, int]
+    num_heads: int
+    head_dim: int
+    block: str = ""
+
+    @property
+    def query_tokens(self) -> int:
+        return self.resolution[0] * self.resolution[1]
+
+    @property
+    def is_cross(self) -> bool:
+        return self.kind == "cross"
+
+    def describe(self) -> str:
+        h, w = self.resolution
+        return (f"{self.path}  kind={self.kind}  res={h}x{w}  heads={self.num_heads}"
+                f"  head_dim={self.head_dim}")
+
+
+class AttentionPolicy(Protocol):
+    """What the seam needs from a policy.
+
+    ``attend`` returns ``None`` when the policy leaves the site untouched (the seam then
+    runs the fused kernel, so an identity policy is bit-identical to no policy), or
+    ``(out, aux)`` with ``out`` shaped ``(B, T, N, H)`` and ``aux`` a dict of arrays.
+    """
+
+    def attend(self, site: AttentionSite, q: Array, k: Array, v: Array, step: Array | None,
+               *, upcast: bool) -> tuple[Array, Aux] | None: ...
+
+
+def _scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def default_attention(q: Array, k: Array, v: Array, *, upcast: bool = False,
+                      implementation: str | None = None) -> Array:
+    """Plain softmax attention through the fused kernel.
+
+    Args:
+      q: ``(B, T, N, H)``; k, v: ``(B, S, N, H)``, any float dtype.
+      upcast: compute logits and softmax in float32 (diffusers' ``upcast_attention``).
+      implementation: passed to ``jax.nn.dot_product_attention`` (``None``/``"xla"``/
+        ``"cudnn"``).
+    Returns:
+      ``(B, T, N, H)`` in q's dtype.
+    """
+    dtype = q.dtype
+    if upcast and dtype != jnp.float32:
+        # logits in float32 as diffusers does; the probabilities go back to the input
+        # dtype before the value product.
+        p = attention_probs(q, k, upcast=True)
+        return apply_probs(p.astype(dtype), v)
+    return jax.nn.dot_product_attention(q, k, v, scale=_scale(q.shape[-1]),
+                                        implementation=implementation)
+
+
+def attention_logits(q: Array, k: Array, *, upcast: bool = False) -> Array:
+    """Scaled dot-product logits ``(B, N, T, S)`` (float32 when ``upcast``)."""
+    if upcast:
+        q = q.astype(jnp.float32)
+        k = k.astype(jnp.float32)
+    return jnp.einsum("BTNH,BSNH->BNTS", q, k) * jnp.asarray(_scale(q.shape[-1]), q.dtype)
+
+
+def attention_probs(q: Array, k: Array, *, upcast: bool = False, bias: Array | None = None
+                    ) -> Array:
+    """Materialised attention probabilities ``(B, N, T, S)``.
+
+    Args:
+      q: ``(B, T, N, H)``; k: ``(B, S, N, H)``.
+      bias: optional additive logit bias broadcastable to ``(B, N, T, S)`` (e.g. ``-inf``
+        outside a box).
+    """
+    logits = attention_logits(q, k, upcast=upcast)
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def apply_probs(p: Array, v: Array) -> Array:
+    """``(B, N, T, S) x (B, S, N, H) -> (B, T, N, H)``."""
+    return jnp.einsum("BNTS,BSNH->BTNH", p.astype(v.dtype), v)
+
+
+def attend(site: AttentionSite, q: Array, k: Array, v: Array,
+           policy: AttentionPolicy | None = None, step: Array | None = None, *,
+           upcast: bool = False) -> tuple[Array, Aux]:
+    """THE attention function of jattn.
+
+    Args:
+      site: static description of this call.
+      q: ``(B, T, N, H)`` queries; k, v: ``(B, S, N, H)`` keys and values.
+      policy: ``None`` or an :class:`AttentionPolicy`.
+      step: int32 scalar, the denoising step index (0 = first step) or ``None``.
+      upcast: diffusers' ``upcast_attention`` (logits/softmax in float32).
+    Returns:
+      ``(out, aux)``: out ``(B, T, N, H)`` in q's dtype; aux a dict of arrays recorded by
+      the policy at this site (empty without a policy).
+    Raises:
+      ValueError: if q/k/v shapes do not match the site.
+    """
+    if q.ndim != 4 or q.shape[2:] != (site.num_heads, site.head_dim):
+        raise ValueError(f"{site.path}: query shape {q.shape} does not match site "
+                         f"(B, T, {site.num_heads}, {site.head_dim})")
+    if policy is not None:
+        res = policy.attend(site, q, k, v, step, upcast=upcast)
+        if res is not None:
+            out, aux = res
+            if out.shape != q.shape:
+                raise ValueError(f"{site.path}: policy returned shape {out.shape}, expected "
+                                 f"{q.shape}")
+            return out, aux
+    return default_attention(q, k, v, upcast=upcast), {}
+
+
+class SiteRecorder:
+    """A policy that records the sites it sees (in call order) and changes nothing.
+
+    Used by :func:`jattn.models.unet.list_sites` under ``jax.eval_shape``.
+    """
+
+    def __init__(self) -> None:
+        self.sites: list[AttentionSite] = []
+
+    def attend(self, site, q, k, v, step, *, upcast):  # noqa: D102
+        self.sites.append(site)
+        return None
+
+
+def tree_is_empty(tree: Any) -> bool:
+    return len(jax.tree_util.tree_leaves(tree)) == 0

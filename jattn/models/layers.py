@@ -1,0 +1,238 @@
+"""Convolutional building blocks shared by the UNet and the VAE (Flax linen, NHWC).
+
+Legend: B batch, C channels, h/w height/width in cells.
+
+Module and parameter names mirror diffusers' (``norm1``, ``conv1``, ``time_emb_proj``,
+``conv_shortcut``, ``conv``, ``linear_1`` …) so that :mod:`jattn.io.convert` maps a diffusers
+state dict onto these modules key by key. All tensors are NHWC; kernels are HWIO.
+Parameters are created in float32 (``param_dtype``) and cast to the computation ``dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "GroupNorm",
+    "Conv2d",
+    "ResnetBlock2D",
+    "Downsample2D",
+    "Upsample2D",
+    "timestep_embedding",
+    "TimestepEmbedding",
+    "upsample_nearest",
+]
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation over NHWC (or any ``(..., C)``) input, torch semantics.
+
+    Statistics are computed in float32 over all non-batch axes of each group of
+    ``C // num_groups`` channels, with the two-pass variance (no ``E[x^2]-E[x]^2``
+    cancellation). Parameters ``scale``/``bias`` of shape ``(C,)``.
+
+    Input ``(B, ..., C)``; output same shape in ``dtype``.
+    Raises:
+      ValueError: if C is not divisible by ``num_groups``.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels not divisible by {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        centred = xg - mean
+        var = jnp.mean(jnp.square(centred), axis=(1, 3), keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Conv2d(nn.Module):
+    """2-D convolution, NHWC input, ``kernel`` HWIO ``(k, k, C_in, features)`` + ``bias``.
+
+    ``padding`` is symmetric (torch ``padding=p``). A 1x1 stride-1 convolution runs as a
+    plain matmul on the channel axis (same numbers, cheaper on CPU).
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        c_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (k, k, c_in, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        if k == 1 and self.strides == 1 and self.padding == 0:
+            y = jnp.dot(x, kernel[0, 0])
+        else:
+            p = self.padding
+            y = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=(self.strides, self.strides),
+                padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ``ResnetBlock2D`` (``time_embedding_norm="default"``, SiLU), NHWC.
+
+    ``out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))))
+    / output_scale_factor``; the shortcut is a 1x1 ``conv_shortcut`` when channels change.
+
+    Args (call): x ``(B, h, w, in_channels)``; temb ``(B, temb_channels)`` or ``None``
+      (must be ``None`` iff ``temb_channels`` is ``None``).
+    Returns: ``(B, h, w, out_channels)`` in ``dtype``.
+    """
+
+    in_channels: int
+    out_channels: int | None = None
+    temb_channels: int | None = 512
+    groups: int = 32
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    groups_out: int | None = None
+    output_scale_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+        out_channels = self.out_channels or self.in_channels
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"ResnetBlock2D: expected {self.in_channels} input channels, got "
+                             f"{x.shape[-1]}")
+        h = GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x)
+        h = nn.silu(h)
+        h = Conv2d(out_channels, 3, dtype=self.dtype, name="conv1")(h)
+        if self.temb_channels is not None:
+            if temb is None:
+                raise ValueError("ResnetBlock2D: temb is required when temb_channels is set")
+            t = nn.Dense(out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = GroupNorm(self.groups_out or self.groups, self.eps, dtype=self.dtype, name="norm2")(h)
+        h = nn.silu(h)
+        h = Conv2d(out_channels, 3, dtype=self.dtype, name="conv2")(h)
+        if self.in_channels != out_channels:
+            x = Conv2d(out_channels, 1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
+        out = x.astype(self.dtype) + h
+        if self.output_scale_factor != 1.0:
+            out = out / jnp.asarray(self.output_scale_factor, out.dtype)
+        return out
+
+
+class Downsample2D(nn.Module):
+    """diffusers' ``Downsample2D`` with ``use_conv=True``: 3x3 stride-2 ``conv``, NHWC.
+
+    ``padding=1`` pads symmetrically (UNet); ``padding=0`` pads only bottom/right by one
+    cell first (VAE), as diffusers does.
+
+    Input ``(B, h, w, C)``; output ``(B, ceil(h/2), ceil(w/2), out_channels)`` (for even
+    h, w: ``(B, h/2, w/2, out_channels)``).
+    """
+
+    channels: int
+    out_channels: int | None = None
+    padding: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return Conv2d(self.out_channels or self.channels, 3, strides=2, padding=self.padding,
+                      dtype=self.dtype, name="conv")(x)
+
+
+def upsample_nearest(x: Array, output_size: tuple[int, int] | None = None) -> Array:
+    """Nearest-neighbour upsampling of NHWC ``x`` by 2 (or to ``output_size``, torch's
+    ``F.interpolate(mode="nearest", size=...)`` index rule ``floor(i * in / out)``)."""
+    b, h, w, c = x.shape
+    if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+        y = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+        return y.reshape(b, 2 * h, 2 * w, c)
+    oh, ow = output_size
+    # torch computes the source index in float32 as floor(dst * (in / out))
+    ih = jnp.floor(jnp.arange(oh, dtype=jnp.float32) * jnp.float32(h / oh)).astype(jnp.int32)
+    iw = jnp.floor(jnp.arange(ow, dtype=jnp.float32) * jnp.float32(w / ow)).astype(jnp.int32)
+    return x[:, jnp.minimum(ih, h - 1)][:, :, jnp.minimum(iw, w - 1)]
+
+
+class Upsample2D(nn.Module):
+    """diffusers' ``Upsample2D`` with ``use_conv=True``: nearest x2 then 3x3 ``conv``, NHWC.
+
+    Input ``(B, h, w, C)``; output ``(B, 2h, 2w, out_channels)`` or
+    ``(B, *output_size, out_channels)``.
+    """
+
+    channels: int
+    out_channels: int | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, output_size: tuple[int, int] | None = None) -> Array:
+        x = upsample_nearest(x, output_size)
+        return Conv2d(self.out_channels or self.channels, 3, dtype=self.dtype, name="conv")(x)
+
+
+def timestep_embedding(timesteps: Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> Array:
+    """Sinusoidal timestep features (diffusers' ``get_timestep_embedding``).
+
+    Args:
+      timesteps: ``(B,)`` timesteps (any real dtype; the DDPM timestep, not the step index).
+      dim: feature size; odd sizes get one zero column.
+      flip_sin_to_cos: ``[cos, sin]`` instead of ``[sin, cos]``.
+      freq_shift: diffusers' ``downscale_freq_shift``.
+    Returns:
+      ``(B, dim)`` float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    freqs = jnp.exp(exponent)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers' ``TimestepEmbedding`` (SiLU): ``linear_2(silu(linear_1(x)))``.
+
+    Input ``(B, C_in)``; output ``(B, time_embed_dim)`` in ``dtype``.
+    """
+
+    time_embed_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_1")(x)
+        x = nn.silu(x)
+        return nn.Dense(self.time_embed_dim, dtype=self.dtype, name="linear_2")(x)

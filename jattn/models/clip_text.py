@@ -1,0 +1,301 @@
+"""CLIP text encoder (Flax linen), the prompt encoder of Stable Diffusion 1.x/2.x.
+
+Architecture and parameter names follow transformers' ``CLIPTextModel`` so that checkpoints
+convert one to one: ``text_model/embeddings/token_embedding``,
+``text_model/encoder/layers_0/self_attn/q_proj``, ``.../layer_norm1``, ``.../mlp/fc1``,
+``text_model/final_layer_norm``. Pre-norm transformer with a causal mask; SD1.x uses
+``quick_gelu`` (OpenAI CLIP ViT-L/14), SD2.x ``gelu`` (OpenCLIP ViT-H/14).
+
+Legend: B batch, S tokens, D hidden size, N heads, H head dim.
+
+Reference: Radford et al., "Learning Transferable Visual Models From Natural Language
+Supervision" (2021); transformers ``models/clip/modeling_clip.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.io.convert import params_to_state_dict, state_dict_to_params
+
+Array = jax.Array
+
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "convert_clip_text_state_dict",
+           "clip_text_state_dict", "init_clip_text_params"]
+
+_ACTIVATIONS = ("quick_gelu", "gelu")
+_PREFIX = "text_model."
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """Hyper-parameters of the CLIP text encoder (field names as in transformers' config.json).
+
+    Attributes:
+      vocab_size: number of token ids.
+      hidden_size: D.
+      intermediate_size: MLP hidden width.
+      num_hidden_layers: transformer layers.
+      num_attention_heads: N (head_dim H = D / N).
+      max_position_embeddings: longest token sequence (77 for SD).
+      hidden_act: ``"quick_gelu"`` (SD1.x) or ``"gelu"`` (exact erf GELU, SD2.x).
+      layer_norm_eps: LayerNorm epsilon.
+      bos_token_id, eos_token_id, pad_token_id: special token ids. ``eos_token_id == 2`` is the
+        legacy (pre transformers#24773) value; then the pooled token is the largest id.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"CLIPTextConfig: hidden_act={self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(_ACTIVATIONS)}).")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"CLIPTextConfig: hidden_size={self.hidden_size} is not divisible "
+                             f"by num_attention_heads={self.num_attention_heads}.")
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
+        """Build from a transformers ``CLIPTextConfig`` dict (``text_encoder/config.json``).
+
+        Keys that do not change the text encoder's forward pass (``projection_dim``,
+        ``initializer_range``, ``transformers_version`` …) are ignored.
+
+        Raises:
+          ValueError: unsupported ``hidden_act`` or inconsistent sizes.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in dict(config).items() if k in names and v is not None}
+        return cls(**kwargs)
+
+    def to_transformers(self) -> dict[str, Any]:
+        """The transformers ``config.json`` dict of this encoder (``CLIPTextModel``)."""
+        d = dataclasses.asdict(self)
+        d.update(architectures=["CLIPTextModel"], model_type="clip_text_model",
+                 attention_dropout=0.0, projection_dim=512)
+        return d
+
+
+def _activation(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention, ``(B, S, D) -> (B, S, D)``, mask ``(B, 1, S, S)`` bool."""
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        cfg = self.config
+        b, s, _ = x.shape
+        dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)  # noqa: E731
+        q = dense("q_proj")(x).reshape(b, s, cfg.num_heads, cfg.head_dim)  # (B, S, N, H)
+        k = dense("k_proj")(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        v = dense("v_proj")(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, S, N, H)
+        return dense("out_proj")(out.reshape(b, s, cfg.hidden_size))
+
+
+class _MLP(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        x = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        x = _activation(cfg.hidden_act)(x)
+        return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(x)
+
+
+class _EncoderLayer(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        eps = self.config.layer_norm_eps
+        h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="layer_norm1")(x)
+        x = x + _Attention(self.config, self.dtype, name="self_attn")(h, mask)
+        h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="layer_norm2")(x)
+        return x + _MLP(self.config, self.dtype, name="mlp")(h)
+
+
+class _Embeddings(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array) -> Array:
+        cfg = self.config
+        tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                       name="token_embedding")(input_ids)
+        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                       name="position_embedding")(jnp.arange(input_ids.shape[1])[None])
+        return tok + pos
+
+
+class _Encoder(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> list[Array]:
+        states = [x]
+        for i in range(self.config.num_hidden_layers):
+            x = _EncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x, mask)
+            states.append(x)
+        return states
+
+
+class _TextTransformer(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, output_hidden_states):
+        cfg = self.config
+        b, s = input_ids.shape
+        x = _Embeddings(cfg, self.dtype, name="embeddings")(input_ids)  # (B, S, D)
+        mask = jnp.tril(jnp.ones((s, s), dtype=bool))[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            mask = mask & (attention_mask.astype(bool)[:, None, None, :])  # (B, 1, T, S)
+        states = _Encoder(cfg, self.dtype, name="encoder")(x, mask)
+        last = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
+                            name="final_layer_norm")(states[-1])
+        ids = input_ids.astype(jnp.int32)
+        if cfg.eos_token_id == 2:
+            # legacy configs: the end-of-text token has the largest id of the vocabulary
+            pool_idx = jnp.argmax(ids, axis=-1)
+        else:
+            # first end-of-text token (padding may use the same id)
+            pool_idx = jnp.argmax((ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
+        pooled = last[jnp.arange(b), pool_idx]  # (B, D)
+        out = {"last_hidden_state": last, "pooler_output": pooled}
+        if output_hidden_states:
+            out["hidden_states"] = tuple(states)
+        return out
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text encoder; parameters live under ``text_model/`` as in transformers' checkpoints.
+
+    Attributes:
+      config: :class:`CLIPTextConfig`.
+      dtype: computation dtype (parameters keep their own dtype).
+    """
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 output_hidden_states: bool = False) -> dict[str, Any]:
+        """Encode token ids.
+
+        Args:
+          input_ids: ``(B, S)`` integer token ids, S <= ``max_position_embeddings``.
+          attention_mask: optional ``(B, S)`` (1 = token, 0 = padding); combined with the
+            causal mask. A query row whose keys are all masked (left padding) attends
+            uniformly, as transformers' eager attention does.
+          output_hidden_states: also return the per-layer states.
+        Returns:
+          dict with ``last_hidden_state`` ``(B, S, D)`` (after the final LayerNorm),
+          ``pooler_output`` ``(B, D)`` (the end-of-text token's state; see
+          :class:`CLIPTextConfig`), and with ``output_hidden_states`` a tuple
+          ``hidden_states`` of ``num_hidden_layers + 1`` arrays ``(B, S, D)``: the embeddings,
+          then each layer's output (before the final LayerNorm). Arrays in ``dtype``.
+        Raises:
+          ValueError: ``input_ids`` not 2-D or longer than ``max_position_embeddings``.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"CLIPTextModel: input_ids must be (B, S), got {input_ids.shape}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"CLIPTextModel: {input_ids.shape[1]} tokens exceed "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        return _TextTransformer(self.config, self.dtype, name="text_model")(
+            input_ids, attention_mask, output_hidden_states)
+
+
+def _abstract_params(config: CLIPTextConfig):
+    model = CLIPTextModel(config)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def init_clip_text_params(config: CLIPTextConfig, key: Array) -> dict:
+    """Randomly initialised parameters (flax default initialisers), e.g. for training."""
+    return CLIPTextModel(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def _rename_clip_key(key: str) -> str | None:
+    if key.endswith("embeddings.position_ids"):
+        return None  # a buffer (arange), not a parameter
+    if not key.startswith(_PREFIX):
+        key = _PREFIX + key  # transformers >= 5 saves CLIPTextModel without the prefix
+    return key
+
+
+def convert_clip_text_state_dict(state_dict: Mapping[str, Any], config: CLIPTextConfig,
+                                 dtype=None) -> dict:
+    """transformers ``CLIPTextModel`` state dict -> params of :class:`CLIPTextModel`.
+
+    Accepts keys with the ``text_model.`` prefix (every SD checkpoint, transformers < 5) and
+    without (transformers >= 5 ``save_pretrained``); the ``position_ids`` buffer is dropped.
+
+    Args:
+      state_dict: ``{key: array}`` (numpy, or anything ``np.asarray`` reads).
+      config: the encoder's config.
+      dtype: cast every parameter to this dtype (default float32).
+    Returns:
+      the params tree (``model.apply({"params": params}, ...)``).
+    Raises:
+      CheckpointMismatchError: naming every missing, unexpected and misshapen key.
+    """
+    return state_dict_to_params(state_dict, _abstract_params(config), model_name="text_encoder",
+                                rename=_rename_clip_key, dtype=dtype)
+
+
+def clip_text_state_dict(params: Mapping, *, prefix: str = _PREFIX, dtype=None
+                         ) -> dict[str, np.ndarray]:
+    """Params of :class:`CLIPTextModel` -> transformers state dict (numpy).
+
+    Args:
+      params: the params tree.
+      prefix: ``"text_model."`` (default) gives the on-disk layout of SD checkpoints, which
+        ``CLIPTextModel.from_pretrained`` of every transformers version reads; ``""`` gives
+        the keys of a transformers >= 5 ``CLIPTextModel`` module
+        (``model.load_state_dict(sd, strict=True)``).
+      dtype: optional numpy dtype of the exported arrays.
+    """
+    sd = params_to_state_dict(params, dtype=dtype)
+    return {prefix + k[len(_PREFIX):]: v for k, v in sd.items()}

@@ -1,0 +1,145 @@
+"""Prompt-to-Prompt as policy ops: cross-attention replacement/refinement/reweighting,
+self-attention replacement, and local blending.
+
+Source: Hertz, Mokady, Tenenbaum, Aberman, Pritch, Cohen-Or, "Prompt-to-Prompt Image
+Editing with Cross Attention Control" (ICLR 2023); reference google/prompt-to-prompt@9c472e4
+``prompt-to-prompt_stable.ipynb`` (``AttentionReplace``, ``AttentionRefine``,
+``AttentionReweight``, ``LocalBlend``) and ``null_text_w_ptp.ipynb`` (``LocalBlend`` with
+``substruct_words`` and ``start_blend``).
+
+Batch layout: each group is ``[source, target_1, …, target_{M-1}]``; edits touch only the
+conditional half of the CFG batch (as the reference). Shapes: probabilities
+``(B, N, T, S)``; mappers ``(M-1, S, S)`` (replace) or ``(M-1, S)`` int (refine).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jattn.policy.core import Op, SiteContext, in_window
+
+Array = jax.Array
+
+__all__ = ["CrossEdit", "SelfReplace", "local_blend_mask", "apply_local_blend"]
+
+
+def _cond_split(ctx: SiteContext, p: Array):
+    """``(B, N, T, S) -> (halves, G, M, N, T, S)``."""
+    return ctx.layout.split(p)
+
+
+@struct.dataclass
+class CrossEdit(Op):
+    """P2P cross-attention edit of the targets (members 1…M-1) from the source (member 0).
+
+    Attributes:
+      alphas: float32 ``(steps + 1, M-1, S)``: per step and token, how much of the edited
+        map replaces the target's own (``cross_replace_steps`` windows; reference
+        ``get_time_words_attention_alpha``).
+      mapper: replace: float32 ``(M-1, S, S)`` token mapper (``einsum('hpw,bwn->bhpn')``);
+        refine: int32 ``(M-1, S)`` source token index per target token; reweight only:
+        None.
+      refine_alphas: float32 ``(M-1, S)``, refine only: 1 where a target token has a source
+        counterpart, 0 for new tokens.
+      equalizer: float32 ``(M-1, S)`` column weights (reweighting) or None.
+      mode: static, ``"replace"``, ``"refine"`` or ``"reweight"`` (reweight of the source's
+        maps alone). An equalizer with replace/refine chains the reweighting after them
+        (reference ``AttentionReweight(prev_controller=…)``).
+    """
+
+    alphas: Array
+    mapper: Array | None = None
+    refine_alphas: Array | None = None
+    equalizer: Array | None = None
+    mode: str = struct.field(pytree_node=False, default="replace")
+
+    needs_probs = True
+
+    def edit_probs(self, ctx: SiteContext, p: Array) -> Array:
+        x = _cond_split(ctx, p)
+        cond = x[-1]                      # (G, M, N, T, S)
+        base, tgt = cond[:, 0], cond[:, 1:]
+        if self.mode == "replace":
+            new = jnp.einsum("GNTs,MsS->GMNTS", base, self.mapper.astype(base.dtype))
+        elif self.mode == "refine":
+            gathered = jnp.take(base, self.mapper, axis=-1)           # (G, N, T, M-1, S)
+            gathered = jnp.moveaxis(gathered, -2, 1)                  # (G, M-1, N, T, S)
+            ra = self.refine_alphas[None, :, None, None, :].astype(base.dtype)
+            new = gathered * ra + tgt * (1 - ra)
+        elif self.mode == "reweight":
+            new = jnp.broadcast_to(base[:, None], tgt.shape)
+        else:
+            raise ValueError(f"CrossEdit.mode={self.mode!r}")
+        if self.equalizer is not None:
+            new = new * self.equalizer[None, :, None, None, :].astype(new.dtype)
+        step = 0 if ctx.step is None else ctx.step
+        a = self.alphas[step][None, :, None, None, :].astype(new.dtype)  # (1, M-1, 1, 1, S)
+        new = new * a + (1 - a) * tgt
+        cond = jnp.concatenate([base[:, None], new.astype(cond.dtype)], axis=1)
+        x = x.at[-1].set(cond)
+        return ctx.layout.merge(x)
+
+
+@struct.dataclass
+class SelfReplace(Op):
+    """P2P self-attention replacement: targets use the source's self-attention maps during
+    the step window ``[start, end)`` (reference ``replace_self_attention``; restrict the
+    sites to small query resolutions when resolving, as the reference's 16² limit).
+
+    Attributes:
+      window: int32 ``(2,)`` steps.
+    """
+
+    window: Array
+
+    needs_probs = True
+
+    def edit_probs(self, ctx: SiteContext, p: Array) -> Array:
+        x = _cond_split(ctx, p)
+        cond = x[-1]
+        base = cond[:, :1]
+        new = jnp.where(in_window(ctx.step, self.window), jnp.broadcast_to(base, cond.shape), cond)
+        return ctx.layout.merge(x.at[-1].set(new))
+
+
+def local_blend_mask(maps: Array, words: Array, latent_hw: tuple[int, int], threshold: float,
+                     pool: bool = True) -> Array:
+    """P2P LocalBlend mask from aggregated cross maps.
+
+    Args:
+      maps: float ``(G, M, T, S)`` cross-attention (layer/head mean) at one resolution
+        ``(h', w')`` with ``T = h'·w'``.
+      words: float ``(M, S)`` 1 at the tokens of each member's blend words.
+      latent_hw: ``(h, w)`` of the latents.
+      threshold: mask threshold after dividing by the max (reference 0.3).
+      pool: 3×3 max-pool before upsampling (the reference pools for the blend words, not
+        for ``substruct_words``).
+    Returns:
+      bool ``(G, M, h, w, 1)``.
+    """
+    g, m, t, _ = maps.shape
+    side = int(round(t ** 0.5))
+    wmap = jnp.einsum("GMTS,MS->GMT", maps, words).reshape(g, m, side, side)
+    if pool:
+        wmap = jax.lax.reduce_window(wmap, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 1, 1),
+                                     ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h, w = latent_hw
+    # nearest upsampling as torch's F.interpolate(mode="nearest"): src = floor(dst * in / out)
+    iy = (jnp.arange(h) * side) // h
+    ix = (jnp.arange(w) * side) // w
+    up = wmap[:, :, iy][:, :, :, ix]
+    up = up / jnp.max(up, axis=(2, 3), keepdims=True)
+    return (up > threshold)[..., None]
+
+
+def apply_local_blend(latents: Array, mask: Array, groups: int, members: int) -> Array:
+    """``x_t = x_src + mask·(x_t − x_src)`` per group, source unchanged.
+
+    latents ``(G·M, h, w, C)``; mask bool ``(G, M, h, w, 1)`` (already OR-ed with the source).
+    """
+    x = latents.reshape((groups, members) + latents.shape[1:])
+    src = x[:, :1]
+    out = src + mask.astype(x.dtype) * (x - src)
+    return out.reshape(latents.shape)

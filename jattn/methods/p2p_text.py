@@ -44,7 +44,8 @@ Not quirks, reproduced always: a swapped word of ``a`` source tokens and ``b ≠
 target tokens links every source token to every target token with weight ``1/b`` (so a
 1 → 2 swap halves the map, a 2 → 1 swap sums the two source columns); the refinement
 mapper holds ``-1`` for target tokens with no source token (alpha 0 there; NumPy/JAX
-indexing reads position S-1, a padding column, multiplied by 0) and maps padding
+``x[..., mapper]`` indexing wraps it to position S-1, a padding column, multiplied by 0 —
+gather with wrap-around or clipping, never with a NaN fill) and maps padding
 positions ``n >= len(target tokens)`` to ``n`` itself; cross windows use
 ``int(b * (num_steps + 1))`` while the self window uses ``int(b * num_steps)``.
 """
@@ -467,7 +468,8 @@ def cross_replace_alphas(prompts: Sequence[str], num_steps: int,
       cross_replace_steps: a window for all tokens, or a dict of windows: key
         ``"default_"`` (all tokens; ``(0, 1)`` when absent) and word keys (str word or int
         word index), looked up in each *target* prompt and applied in dict order after the
-        default, to that word's tokens in the targets that contain it.
+        default, to that word's tokens in the targets that contain it (an int index out
+        of range for a target raises, as in ``word_token_indices``).
       tokenizer: from ``load_tokenizer``.
       max_len: S (77).
       reference_quirks: the reference's word splitting (see ``word_token_indices``).

@@ -64,7 +64,8 @@ class CrossEdit(Op):
         if self.mode == "replace":
             new = jnp.einsum("GNTs,MsS->GMNTS", base, self.mapper.astype(base.dtype))
         elif self.mode == "refine":
-            gathered = jnp.take(base, self.mapper, axis=-1)           # (G, N, T, M-1, S)
+            # the mapper holds -1 for new tokens (alpha 0): wrap like torch indexing
+            gathered = jnp.take(base, self.mapper, axis=-1, mode="wrap")  # (G, N, T, M-1, S)
             gathered = jnp.moveaxis(gathered, -2, 1)                  # (G, M-1, N, T, S)
             ra = self.refine_alphas[None, :, None, None, :].astype(base.dtype)
             new = gathered * ra + tgt * (1 - ra)

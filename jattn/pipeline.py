@@ -24,6 +24,7 @@ from jattn.models import clip_text as clip_lib
 from jattn.models import unet as unet_lib
 from jattn.models import vae as vae_lib
 from jattn.models.attention import AttentionSite
+from jattn.policy.core import Policy
 from jattn.sampling import sampler as sampler_lib
 from jattn.sampling import schedulers as sch
 
@@ -206,6 +207,9 @@ class Pipeline:
                 if aux_fns is not None:
                     aux_init_fn, aux_update, callback = aux_fns
                     aux_init = aux_init_fn(policy, latents)
+                elif isinstance(policy, Policy):
+                    aux_init = policy.aux_init(latents)
+                    aux_update, callback = policy.aux_update, policy.on_step
                 return sampler_lib.sample(
                     self.unet_fn(params), schedule, latents, cond,
                     uncond if do_cfg else None, gs, keys, policy=policy, aux_init=aux_init,

@@ -22,7 +22,7 @@ from jattn.policy.core import Op, SiteContext, in_window
 
 Array = jax.Array
 
-__all__ = ["CrossEdit", "SelfReplace", "local_blend_mask", "apply_local_blend"]
+__all__ = ["CrossEdit", "SelfReplace", "LocalBlend", "local_blend_mask", "apply_local_blend"]
 
 
 def _cond_split(ctx: SiteContext, p: Array):
@@ -144,3 +144,59 @@ def apply_local_blend(latents: Array, mask: Array, groups: int, members: int) ->
     src = x[:, :1]
     out = src + mask.astype(x.dtype) * (x - src)
     return out.reshape(latents.shape)
+
+
+@struct.dataclass
+class LocalBlend(Op):
+    """P2P LocalBlend: keep the source's latents outside the edited words' attention.
+
+    Runs at cross-attention sites of ONE query resolution (the reference: the five 16²
+    layers of SD at 64² latents, i.e. latent/4). It records the head-averaged cross maps
+    (conditional half), sums them over its sites and over the steps so far in-graph, and
+    after each scheduler step from ``start_step`` on sets, per target,
+    ``x_t = x_src + mask·(x_t − x_src)`` with ``mask = (src_mask OR tgt_mask)
+    AND NOT subtract_mask`` (``null_text_w_ptp.ipynb`` semantics).
+
+    Attributes:
+      words: float32 ``(M, S)``: 1 at each member's blend-word tokens.
+      subtract: float32 ``(M, S)`` substruct-word tokens, or None.
+      threshold: float32 ``(2,)``: (blend, substract) thresholds (reference 0.3, 0.3).
+      start_step: int32 scalar: first step index that blends (reference
+        ``int(start_blend·T)``; 0 for the stable notebook).
+    """
+
+    words: Array
+    threshold: Array
+    start_step: Array
+    subtract: Array | None = None
+
+    needs_probs = True
+
+    def record(self, ctx, p_pre, p_post):
+        p = p_pre.astype(jnp.float32).mean(axis=1)
+        if ctx.layout.cfg:
+            p = p[p.shape[0] // 2:]
+        return {"maps": p}
+
+    def aux_init(self, sites, layout, context_tokens):
+        res = {s.resolution for s in sites}
+        if len(res) != 1 or any(s.kind != "cross" for s in sites):
+            raise ValueError(f"LocalBlend must run at cross-attention sites of one resolution; "
+                             f"got {sorted(res)} / kinds {sorted({s.kind for s in sites})}")
+        (h, w), = res
+        return jnp.zeros((layout.groups, layout.members, h * w, context_tokens), jnp.float32)
+
+    def aux_update(self, acc, per_site, step, sites):
+        total = sum(rec["maps"] for rec in per_site.values()) / len(sites)
+        return acc + total.reshape(acc.shape)
+
+    def on_step(self, latents, acc, step, layout):
+        hw = latents.shape[1:3]
+        mask = local_blend_mask(acc, self.words, hw, self.threshold[0], pool=True)
+        mask = mask | mask[:, :1]
+        if self.subtract is not None:
+            sub = local_blend_mask(acc, self.subtract, hw, self.threshold[1], pool=False)
+            sub = sub | sub[:, :1]
+            mask = mask & ~sub
+        blended = apply_local_blend(latents, mask, layout.groups, layout.members)
+        return jnp.where(step >= self.start_step, blended, latents)

@@ -130,6 +130,11 @@ class Op:
         """Accumulator for the op's ``sites`` (static), or None."""
         return None
 
+    def on_step(self, latents: Array, acc: Any, step: Array, layout: Layout) -> Array:
+        """Per-step callback on the latents ``(R, h, w, C)`` after the scheduler step (R =
+        G·M rows), with this op's accumulator (e.g. P2P local blend)."""
+        return latents
+
     def aux_update(self, acc: Any, per_site: dict[str, dict], step: Array,
                    sites: Sequence[AttentionSite]) -> Any:
         """``per_site``: ``{site_path: what record() returned there}`` for one UNet call;
@@ -272,6 +277,13 @@ class Policy:
             mine = {path: rec[str(i)] for path, rec in aux.items() if str(i) in rec}
             out.append(op.aux_update(a, mine, step, self.sites_of(i)) if mine else a)
         return tuple(out)
+
+    def on_step(self, state: dict) -> dict:
+        """The sampler's per-step callback: each op's :meth:`Op.on_step` in order."""
+        x = state["latents"]
+        for op, a in zip(self.ops, state["aux"]):
+            x = op.on_step(x, a, state["step"], self.layout)
+        return dict(state, latents=x)
 
 
 def resolve(rules: Sequence[tuple[Any, Op | Sequence[Op]]], sites: Sequence[AttentionSite], *,

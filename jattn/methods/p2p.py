@@ -1,0 +1,209 @@
+"""Prompt-to-Prompt editing: build the policy from prompts and run it.
+
+Source: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention Control"
+(ICLR 2023); reference google/prompt-to-prompt@9c472e4 (``prompt-to-prompt_stable.ipynb``,
+``null_text_w_ptp.ipynb``, ``seq_aligner.py``, ``ptp_utils.py``). Defaults follow the
+reference: ``cross_replace_steps`` 0.8, ``self_replace_steps`` 0.4, self replacement only
+where the query grid has at most latent/4 × latent/4 tokens (16² at SD's 64² latents),
+local blend on the cross-attention layers at latent/4 resolution, threshold 0.3.
+
+One edit is one group ``[source, target_1, …]`` of the batch; every member starts from the
+same initial latents (or the inverted latents of a real image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.methods import p2p_text
+from jattn.methods.p2p_ops import CrossEdit, LocalBlend, SelfReplace
+from jattn.policy.capture import Capture
+from jattn.policy.core import Layout, Policy, Select, compose, resolve
+
+__all__ = ["p2p_policy", "edit", "MODES"]
+
+MODES = ("replace", "refine", "reweight")
+
+
+def _blend_resolution(sites, latent_hw, blend_resolution):
+    cross = sorted({s.resolution for s in sites if s.kind == "cross"})
+    if blend_resolution is not None:
+        res = (blend_resolution, blend_resolution) if isinstance(blend_resolution, int) \
+            else tuple(blend_resolution)
+        if res not in cross:
+            raise ValueError(f"blend_resolution={blend_resolution}: no cross-attention sites at "
+                             f"that resolution; available: {cross}")
+        return res
+    # the reference blends at latent/4 (16² of 64²); with small latents that is too coarse,
+    # so take the smallest cross resolution >= max(latent/4, 8).
+    want = max(latent_hw[0] // 4, min(8, latent_hw[0]))
+    above = [r for r in cross if r[0] >= want]
+    return above[0] if above else cross[-1]
+
+
+def _word_rows(tokenizer, prompts, words, arg_name, max_len=77) -> np.ndarray:
+    """``(M, S)``: 1 at the tokens of each listed word that occurs in each prompt."""
+    rows = np.zeros((len(prompts), max_len), np.float32)
+    found = set()
+    for m, prompt in enumerate(prompts):
+        present = prompt.split()
+        for w in words:
+            if w in present:
+                rows[m, p2p_text.word_token_indices(tokenizer, prompt, w)] = 1.0
+                found.add(w)
+    missing = [w for w in words if w not in found]
+    if missing:
+        raise ValueError(f"{arg_name}: {missing} occur in none of the prompts {list(prompts)}; "
+                         "use words spelled as in the prompts.")
+    return rows
+
+
+def p2p_policy(
+    pipe,
+    source: str,
+    targets: Sequence[str],
+    *,
+    num_steps: int,
+    mode: str = "replace",
+    cross_replace_steps: float | tuple[float, float] | Mapping = 0.8,
+    self_replace_steps: float | tuple[float, float] = 0.4,
+    equalize: Mapping[str, float] | None = None,
+    blend_words: Sequence[str] | None = None,
+    subtract_words: Sequence[str] | None = None,
+    start_blend: float = 0.0,
+    blend_threshold: float = 0.3,
+    blend_resolution: int | None = None,
+    self_max_tokens: int | None = None,
+    capture: bool = False,
+    capture_resolutions: Sequence[int] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    reference_quirks: bool = False,
+) -> Policy:
+    """Build the Prompt-to-Prompt policy for one group ``[source, *targets]``.
+
+    Args:
+      pipe: a :class:`jattn.pipeline.Pipeline` (for sites and tokenizer).
+      source: the source prompt (member 0).
+      targets: edited prompts (members 1…M-1).
+      num_steps: denoising steps (step windows are in step indices).
+      mode: "replace" (word swap; equal word counts), "refine" (token alignment) or
+        "reweight" (the source's maps with column weights; targets are usually the source
+        prompt again).
+      cross_replace_steps: float b → steps ``[0, int(b·(T+1)))``; ``(start, end)``; or a
+        mapping with per-word windows and ``"default_"`` (reference semantics).
+      self_replace_steps: float s or ``(s0, s1)`` → steps ``[int(T·s0), int(T·s1))``.
+      equalize: ``{word: weight}`` column weights for the targets' words (reweighting;
+        chains after replace/refine).
+      blend_words: words whose attention defines the local-blend mask (each member uses
+        those it contains); ``subtract_words``: words removed from the mask.
+      start_blend: fraction of steps before blending starts (null-text notebook 0.2).
+      self_max_tokens: self replacement only where query tokens ≤ this (default
+        (latent_h/4)·(latent_w/4), the reference's 16² at 64² latents).
+      capture: also capture head/layer-averaged maps (cross at every resolution; self at
+        ``capture_resolutions``) for pictures.
+      reference_quirks: reproduce the reference's quirks (post-edit stored maps; word
+        alignment quirks of ``get_word_inds`` and the word-swap tail mapping).
+    Returns:
+      a :class:`Policy` with layout ``Layout(groups=1, members=1+len(targets), cfg=True)``.
+    Raises:
+      ValueError: unknown mode, word swap with different word counts, unknown equalizer or
+        blend word, window outside [0, 1], prompts over 77 tokens.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("targets: give at least one target prompt")
+    tok = pipe.tokenizer
+    prompts = [source] + targets
+    m = len(prompts)
+    sites = pipe.sites(height, width)
+    lat_h = (height or pipe.default_size) // pipe.vae_scale_factor
+    lat_w = (width or pipe.default_size) // pipe.vae_scale_factor
+    layout = Layout(groups=1, members=m, cfg=True)
+
+    alphas = p2p_text.cross_replace_alphas(prompts, num_steps, cross_replace_steps, tok,
+                                           reference_quirks=reference_quirks)
+    eq = None
+    if equalize:
+        eq = np.stack([p2p_text.equalizer(tok, t, list(equalize), list(equalize.values()),
+                                          reference_quirks=reference_quirks)
+                       for t in targets])
+    kwargs = dict(alphas=jnp.asarray(alphas),
+                  equalizer=None if eq is None else jnp.asarray(eq), mode=mode)
+    if mode == "replace":
+        kwargs["mapper"] = jnp.asarray(p2p_text.replacement_mappers(
+            tok, source, targets, reference_quirks=reference_quirks))
+    elif mode == "refine":
+        mapper, ralphas = p2p_text.refinement_mappers(tok, source, targets)
+        kwargs["mapper"] = jnp.asarray(mapper, jnp.int32)
+        kwargs["refine_alphas"] = jnp.asarray(ralphas)
+    elif eq is None:
+        raise ValueError("mode='reweight' needs equalize={word: weight}")
+    cross = CrossEdit(**kwargs)
+    s0, s1 = p2p_text.self_replace_window(num_steps, self_replace_steps)
+    max_tokens = self_max_tokens if self_max_tokens is not None else (lat_h // 4) * (lat_w // 4)
+    self_res = tuple(sorted({s.resolution for s in sites if s.kind == "self"
+                             and s.query_tokens <= max_tokens}))
+    rules = [(Select(kind="cross"), cross)]
+    if self_res and s1 > s0:
+        rules.append((Select(kind="self", resolutions=self_res),
+                      SelfReplace(window=jnp.asarray([s0, s1], jnp.int32))))
+    policies = [resolve(rules, sites, layout=layout, record_post_edit=reference_quirks)]
+    if blend_words:
+        res = _blend_resolution(sites, (lat_h, lat_w), blend_resolution)
+        words = _word_rows(tok, prompts, blend_words, "blend_words")
+        sub = (jnp.asarray(_word_rows(tok, prompts, subtract_words, "subtract_words"))
+               if subtract_words else None)
+        blend = LocalBlend(words=jnp.asarray(words),
+                           threshold=jnp.asarray([blend_threshold, blend_threshold], jnp.float32),
+                           start_step=jnp.asarray(int(start_blend * num_steps), jnp.int32),
+                           subtract=sub)
+        policies.append(resolve([(Select(kind="cross", resolutions=(res,)), blend)], sites,
+                                layout=layout, record_post_edit=reference_quirks))
+    if capture:
+        rules = [(Select(kind="cross"), Capture())]
+        if capture_resolutions:
+            rules.append((Select(kind="self", resolutions=tuple(capture_resolutions)), Capture()))
+        policies.append(resolve(rules, sites, layout=layout, record_post_edit=reference_quirks))
+    return compose(*policies)
+
+
+def edit(pipe, source: str, targets: Sequence[str], *, num_inference_steps: int = 50,
+         guidance_scale: float = 7.5, seed: int = 0, latents: np.ndarray | None = None,
+         uncond_per_step=None, height: int | None = None, width: int | None = None,
+         **policy_kwargs):
+    """Run a Prompt-to-Prompt edit: the source and every target from the same latents.
+
+    Args:
+      latents: float32 ``(1, C, h, w)`` (or ``(C, h, w)``) initial latents, unscaled as
+        diffusers' ``latents=``; default: Gaussian noise from ``seed``.
+      uncond_per_step: ``(steps, 1, 77, D)`` null-text embeddings (real-image editing).
+      policy_kwargs: see :func:`p2p_policy`.
+    Returns:
+      :class:`jattn.pipeline.GenerateOutput` with images ``[source, *targets]``.
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    prompts = [source] + targets
+    m = len(prompts)
+    policy = p2p_policy(pipe, source, targets, num_steps=num_inference_steps, height=height,
+                        width=width, **policy_kwargs)
+    f = pipe.vae_scale_factor
+    h = (height or pipe.default_size) // f
+    w = (width or pipe.default_size) // f
+    c = pipe.unet_config.in_channels
+    if latents is None:
+        latents = np.random.default_rng(seed).standard_normal((1, c, h, w)).astype(np.float32)
+    latents = np.asarray(latents, np.float32).reshape(1, c, h, w)
+    latents = np.repeat(latents, m, axis=0)
+    if uncond_per_step is not None:
+        u = jnp.asarray(uncond_per_step)
+        uncond_per_step = jnp.broadcast_to(u, (u.shape[0], m) + u.shape[2:])
+    return pipe.generate(prompts, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, seed=seed, latents=latents,
+                         policy=policy, uncond_per_step=uncond_per_step, height=height,
+                         width=width, scheduler="ddim")

@@ -9,8 +9,9 @@ so the same object lands on different token positions:
 
   variant 0   "a red circle on the left and a blue square on the right on a gray background"
   variant 1   "a photo of a red circle on the left and a blue square on the right on a gray background"
-  variant 6   "red circle on the left and blue square on the right on a gray background"
-  variant 7   "a red circle on the left, a blue square on the right and a green star on a gray background"
+  variant 3   "there is a red circle on the left and a blue square on the right on a gray background"
+  variant 7   "red circle on the left and blue square on the right on a gray background"
+  variant 8   "a red circle on the left, a blue square on the right and a green star on a gray background"
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ from jattn.world.spec import (
     BACKGROUNDS, COLORS, POSITIONS, SHAPES, STATED_FILLS, STATED_SIZES, ObjectSpec, SceneSpec,
 )
 
-PREFIXES = ("", "a photo of ", "a drawing of ", "an image of ", "a picture of ", "a rendering of ")
+# Prefixes of 0, 3, 3, 2, 3, 4, 5 tokens, so object words land on many token positions.
+PREFIXES = ("", "a photo of ", "a drawing of ", "there is ", "an image showing ",
+            "a simple drawing of ", "a high quality photo of ")
 # (prefix, articles): every prefix with articles, plus the bare form "red circle on the left"
 _OPENINGS = tuple((p, True) for p in PREFIXES) + (("", False),)
 BACKGROUND_FORMS = (" on a {} background", ", on a {} background", " in front of a {} background")
-NUM_CAPTION_VARIANTS = len(_OPENINGS) * 2 * len(BACKGROUND_FORMS)  # 42
+NUM_CAPTION_VARIANTS = len(_OPENINGS) * 2 * len(BACKGROUND_FORMS)  # 48
 
 _SYNONYMS = {"grey": "gray", "centre": "center", "middle": "center", "dots": "dotted",
              "stripes": "striped", "checkerboard": "checkered", "checked": "checkered"}
+_SYNONYM_RE = re.compile(r"\b(?:" + "|".join(_SYNONYMS) + r")\b")
 _PREFIX_RE = re.compile(
-    r"^(?:an? )?(?:photo|drawing|image|picture|rendering|painting|illustration|render) of ")
+    r"^(?:" + "|".join(re.escape(p) for p in PREFIXES if p)
+    + r"|(?:an? )?(?:[a-z ]+ )?(?:photo|drawing|image|picture|rendering|painting|illustration"
+    r"|render) (?:of|showing|with) |there (?:is|are) )")
 _BG_RE = re.compile(
     r"(?:,\s*)?\s*(?:on|in front of|against|with) (?:an? |the )?("
     + "|".join(sorted(map(re.escape, BACKGROUNDS), key=len, reverse=True)) + r") background")
@@ -141,7 +147,7 @@ def parse_prompt(text: str) -> SceneSpec:
         noun, conflicting attributes, or more than 3 objects.
     """
     t = re.sub(r"\s+", " ", text.lower().strip()).rstrip(".").strip()
-    t = " ".join(_SYNONYMS.get(w, w) for w in t.split(" "))
+    t = _SYNONYM_RE.sub(lambda m: _SYNONYMS[m.group(0)], t)
     background = None
     m = _BG_RE.search(t)
     if m:

@@ -1,0 +1,784 @@
+"""Stable Diffusion's conditional UNet (diffusers' ``UNet2DConditionModel``) in Flax linen.
+
+Legend: B batch, T query tokens, S key (context) tokens, N heads, H head dim, C channels,
+h/w latent height/width in cells, D context width.
+
+* NHWC throughout; the transformer blocks see ``(B, T=h*w, C)`` by a free reshape.
+* Every attention (``attn1`` self-attention, ``attn2`` cross-attention, and ``attn1`` of
+  ``only_cross_attention`` blocks, which attends to the context) goes through
+  :func:`jattn.models.attention.attend` with a static :class:`AttentionSite` named by its
+  diffusers path, e.g. ``"down_blocks.1.attentions.0.transformer_blocks.0.attn2"``.
+* Flax module names are diffusers' names with ``_`` before list indices
+  (``down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_out_0``), so
+  :func:`jattn.io.convert.state_dict_to_params` maps diffusers state dicts key by key.
+* Covers SD1.x and SD2.x (:class:`UNetConfig`); SDXL's added text/time embeddings are
+  rejected with a clear error. Blocks take per-block transformer depth, heads and
+  ``only_cross_attention`` already, so SDXL needs only the added embedding.
+
+Reference: diffusers ``models/unets/unet_2d_condition.py`` and ``unet_2d_blocks.py``
+(Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jattn.io.convert import params_to_state_dict, state_dict_to_params
+from jattn.models.attention import AttentionSite, SiteRecorder, attend
+from jattn.models.layers import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
+                                 TimestepEmbedding, Upsample2D, timestep_embedding)
+
+Array = jax.Array
+
+__all__ = [
+    "UNetConfig",
+    "UNet2DConditionModel",
+    "list_sites",
+    "init_params",
+    "param_shapes",
+    "convert_unet_state_dict",
+    "unet_state_dict",
+]
+
+_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+_MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+# diffusers config keys that must keep their default value (key -> allowed values).
+_MUST_BE_DEFAULT: dict[str, tuple] = {
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "addition_time_embed_dim": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1, 1.0),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+}
+# keys read by from_diffusers, or without effect on this architecture
+_KNOWN = set(_MUST_BE_DEFAULT) | {
+    "sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos",
+    "freq_shift", "down_block_types", "mid_block_type", "up_block_types",
+    "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
+    "mid_block_scale_factor", "dropout", "act_fn", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+    "num_attention_heads", "use_linear_projection", "upcast_attention",
+    "time_embedding_type", "addition_embed_type", "addition_embed_type_num_heads",
+    # only read by UNetMidBlock2DSimpleCrossAttn, which is not supported
+    "mid_block_only_cross_attention",
+}
+
+
+def _per_block(value, n: int, name: str, kind=int) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"UNetConfig: {name} has {len(value)} entries for {n} blocks")
+        if any(isinstance(v, (list, tuple)) for v in value):
+            raise ValueError(f"UNetConfig: nested per-layer {name} is not supported")
+        return tuple(kind(v) for v in value)
+    return (kind(value),) * n
+
+
+def _collapse(values: tuple):
+    """A per-block tuple as diffusers writes it: a scalar when all entries agree."""
+    return values[0] if len(set(values)) == 1 else list(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a Stable Diffusion UNet (SD1.x / SD2.x), hashable.
+
+    Per-block fields (one entry per down block, in down order; the up path reads them
+    reversed, as diffusers does) accept a scalar, which is broadcast.
+
+    Attributes:
+      num_heads: attention heads N per block (diffusers' ``attention_head_dim`` when
+        ``num_attention_heads`` is null — see :meth:`from_diffusers`).
+      head_dims: (derived) H = block channels // N.
+      transformer_layers_per_block: transformer blocks inside each attention module.
+      only_cross_attention: per block, ``attn1`` attends to the context too.
+      sample_size: latent side in cells (int or ``(h, w)``), or None.
+    Raises:
+      ValueError: on inconsistent lengths, unknown block types, channels not divisible by
+        the heads or the norm groups.
+    """
+
+    sample_size: int | tuple[int, int] | None = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    num_heads: int | tuple[int, ...] = 8
+    only_cross_attention: bool | tuple[bool, ...] = False
+    cross_attention_dim: int = 768
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    time_embedding_type: str = "positional"
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        fix = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        fix("block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        fix("down_block_types", tuple(self.down_block_types))
+        fix("up_block_types", tuple(self.up_block_types))
+        if isinstance(self.sample_size, (list, tuple)):
+            fix("sample_size", tuple(int(s) for s in self.sample_size))
+        fix("layers_per_block", _per_block(self.layers_per_block, n, "layers_per_block"))
+        fix("transformer_layers_per_block",
+            _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block"))
+        fix("num_heads", _per_block(self.num_heads, n, "num_heads"))
+        fix("only_cross_attention",
+            _per_block(self.only_cross_attention, n, "only_cross_attention", bool))
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(f"UNetConfig: {len(self.down_block_types)} down and "
+                             f"{len(self.up_block_types)} up block types for {n} "
+                             "block_out_channels")
+        for t in self.down_block_types:
+            if t not in _DOWN_TYPES:
+                raise ValueError(f"UNetConfig: down block type {t!r} is not supported "
+                                 f"(supported: {sorted(_DOWN_TYPES)})")
+        for t in self.up_block_types:
+            if t not in _UP_TYPES:
+                raise ValueError(f"UNetConfig: up block type {t!r} is not supported "
+                                 f"(supported: {sorted(_UP_TYPES)})")
+        if self.mid_block_type not in _MID_TYPES:
+            raise ValueError(f"UNetConfig: mid block type {self.mid_block_type!r} is not "
+                             "supported (supported: UNetMidBlock2DCrossAttn or None)")
+        if self.act_fn not in ("silu", "swish"):
+            raise ValueError(f"UNetConfig: act_fn {self.act_fn!r} is not supported (silu)")
+        if self.time_embedding_type != "positional":
+            raise ValueError(f"UNetConfig: time_embedding_type {self.time_embedding_type!r} is "
+                             "not supported (positional)")
+        for c, heads in zip(self.block_out_channels, self.num_heads):
+            if c % heads:
+                raise ValueError(f"UNetConfig: {c} channels not divisible by {heads} heads")
+            if c % self.norm_num_groups:
+                raise ValueError(f"UNetConfig: {c} channels not divisible by "
+                                 f"{self.norm_num_groups} norm groups")
+
+    @property
+    def head_dims(self) -> tuple[int, ...]:
+        return tuple(c // n for c, n in zip(self.block_out_channels, self.num_heads))
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    def replace(self, **kw) -> UNetConfig:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
+        """Build from a diffusers ``unet/config.json`` dict.
+
+        diffusers' misnomer is resolved here and only here: when ``num_attention_heads``
+        is null, ``attention_head_dim`` holds the NUMBER of heads (int or per block); the
+        head dim is block channels // heads.
+
+        Raises:
+          ValueError: for SDXL (``addition_embed_type="text_time"``), any other option this
+            UNet does not implement (non-default value), or an unknown key.
+        """
+        cfg = dict(config)
+        add = cfg.get("addition_embed_type")
+        if add == "text_time":
+            raise ValueError("UNetConfig: SDXL is not supported yet (addition_embed_type="
+                             "'text_time': added text/time embeddings)")
+        if add is not None:
+            raise ValueError(f"UNetConfig: addition_embed_type={add!r} is not supported")
+        unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _KNOWN)
+        if unknown:
+            raise ValueError(f"UNetConfig: unknown diffusers config keys {unknown}")
+        bad = [f"{k}={cfg[k]!r}" for k, ok in _MUST_BE_DEFAULT.items()
+               if k in cfg and cfg[k] not in ok]
+        if bad:
+            raise ValueError("UNetConfig: unsupported option(s) " + ", ".join(bad))
+        if cfg.get("norm_num_groups", 32) is None:
+            raise ValueError("UNetConfig: norm_num_groups=None (no output norm) is not "
+                             "supported")
+        heads = cfg.get("num_attention_heads")
+        if heads is None:
+            heads = cfg.get("attention_head_dim", 8)  # diffusers' misnomer: the head count
+        cad = cfg.get("cross_attention_dim", 1280)
+        if isinstance(cad, (list, tuple)):
+            if len(set(cad)) != 1:
+                raise ValueError(f"UNetConfig: per-block cross_attention_dim {cad} is not "
+                                 "supported")
+            cad = cad[0]
+        d = cls()
+        return cls(
+            sample_size=cfg.get("sample_size", None),
+            in_channels=cfg.get("in_channels", 4),
+            out_channels=cfg.get("out_channels", 4),
+            center_input_sample=bool(cfg.get("center_input_sample", False)),
+            flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
+            freq_shift=cfg.get("freq_shift", 0),
+            down_block_types=tuple(cfg.get("down_block_types", d.down_block_types)),
+            mid_block_type=cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+            up_block_types=tuple(cfg.get("up_block_types", d.up_block_types)),
+            block_out_channels=tuple(cfg.get("block_out_channels", d.block_out_channels)),
+            layers_per_block=cfg.get("layers_per_block", 2),
+            transformer_layers_per_block=cfg.get("transformer_layers_per_block", 1),
+            num_heads=heads,
+            only_cross_attention=cfg.get("only_cross_attention", False),
+            cross_attention_dim=int(cad),
+            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+            upcast_attention=bool(cfg.get("upcast_attention", False)),
+            norm_num_groups=int(cfg.get("norm_num_groups", 32)),
+            norm_eps=float(cfg.get("norm_eps", 1e-5)),
+            downsample_padding=int(cfg.get("downsample_padding", 1)),
+            mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
+            act_fn=cfg.get("act_fn", "silu"),
+            time_embedding_type=cfg.get("time_embedding_type", "positional"),
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """A diffusers ``unet/config.json`` dict (JSON types) describing this UNet.
+
+        Heads are written as ``attention_head_dim`` (the diffusers misnomer) with
+        ``num_attention_heads`` null, which is what diffusers' constructor accepts.
+        """
+        ss = self.sample_size
+        return {
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": list(ss) if isinstance(ss, tuple) else ss,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "center_input_sample": self.center_input_sample,
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "freq_shift": self.freq_shift,
+            "down_block_types": list(self.down_block_types),
+            "mid_block_type": self.mid_block_type,
+            "up_block_types": list(self.up_block_types),
+            "only_cross_attention": _collapse(self.only_cross_attention),
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": _collapse(self.layers_per_block),
+            "downsample_padding": self.downsample_padding,
+            "mid_block_scale_factor": self.mid_block_scale_factor,
+            "act_fn": self.act_fn,
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": self.norm_eps,
+            "cross_attention_dim": self.cross_attention_dim,
+            "transformer_layers_per_block": _collapse(self.transformer_layers_per_block),
+            "attention_head_dim": _collapse(self.num_heads),
+            "num_attention_heads": None,
+            "use_linear_projection": self.use_linear_projection,
+            "upcast_attention": self.upcast_attention,
+            "time_embedding_type": self.time_embedding_type,
+        }
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _merge(aux: dict, new: Mapping) -> dict:
+    for k, v in new.items():
+        aux[k] = v
+    return aux
+
+
+class Attention(nn.Module):
+    """diffusers' ``Attention`` (no bias on q/k/v, ``to_out.0`` with bias) through the seam.
+
+    Call: x ``(B, T, C)``; context ``(B, S, D)`` for cross-attention or ``None`` for
+    self-attention. Returns ``((B, T, C), aux)`` with aux ``{path: site_aux}`` or ``{}``.
+    """
+
+    num_heads: int
+    head_dim: int
+    site_path: str
+    block: str
+    upcast: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, resolution, policy, step):
+        b, t, c = x.shape
+        n, h = self.num_heads, self.head_dim
+        src = x if context is None else context
+        dense = lambda name, bias=False: nn.Dense(n * h, use_bias=bias, dtype=self.dtype,  # noqa: E731
+                                                  name=name)
+        q = dense("to_q")(x).reshape(b, t, n, h)  # (B, T, N, H)
+        k = dense("to_k")(src).reshape(b, src.shape[1], n, h)  # (B, S, N, H)
+        v = dense("to_v")(src).reshape(b, src.shape[1], n, h)  # (B, S, N, H)
+        site = AttentionSite(path=self.site_path, kind="self" if context is None else "cross",
+                             resolution=tuple(resolution), num_heads=n, head_dim=h,
+                             block=self.block)
+        out, site_aux = attend(site, q, k, v, policy, step, upcast=self.upcast)
+        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, t, n * h))
+        aux = {self.site_path: site_aux} if jax.tree_util.tree_leaves(site_aux) else {}
+        return out, aux
+
+
+class GEGLU(nn.Module):
+    """``proj`` to 2x width in one matmul, split, ``value * gelu(gate)`` (exact erf GELU)."""
+
+    dim_out: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(2 * self.dim_out, dtype=self.dtype, name="proj")(x)
+        value, gate = jnp.split(x, 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' ``FeedForward`` with GEGLU: ``net_2(net_0(x))``, inner width 4C."""
+
+    dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = GEGLU(4 * self.dim, dtype=self.dtype, name="net_0")(x)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN transformer block: self- (or context-) attention, cross-attention, GEGLU FF.
+
+    Call: x ``(B, T, C)``, context ``(B, S, D)``. Returns ``((B, T, C), aux)``.
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    site_path: str
+    block: str
+    only_cross_attention: bool = False
+    upcast: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, resolution, policy, step):
+        ln = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False,  # noqa: E731
+                                       dtype=self.dtype, name=name)
+        attn = lambda name: Attention(self.num_heads, self.head_dim,  # noqa: E731
+                                      f"{self.site_path}.{name}", self.block, self.upcast,
+                                      self.dtype, name=name)
+        a, aux = attn("attn1")(ln("norm1")(x),
+                               context if self.only_cross_attention else None,
+                               resolution, policy, step)
+        x = a + x
+        a, aux2 = attn("attn2")(ln("norm2")(x), context, resolution, policy, step)
+        x = a + x
+        x = FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x)) + x
+        return x, _merge(aux, aux2)
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' continuous-input ``Transformer2DModel``: GroupNorm, ``proj_in`` (1x1 conv
+    or linear), ``num_layers`` transformer blocks, ``proj_out``, residual.
+
+    Call: x ``(B, h, w, C)``, context ``(B, S, D)``. Returns ``((B, h, w, C), aux)``.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    site_path: str
+    block: str
+    groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, policy, step):
+        b, h, w, c = x.shape
+        inner = self.num_heads * self.head_dim
+        residual = x
+        x = GroupNorm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
+        if self.use_linear_projection:
+            x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+        else:
+            x = Conv2d(inner, 1, padding=0, dtype=self.dtype, name="proj_in")(x)
+            x = x.reshape(b, h * w, inner)  # (B, T, C)
+        aux: dict = {}
+        for i in range(self.num_layers):
+            x, a = BasicTransformerBlock(
+                inner, self.num_heads, self.head_dim, f"{self.site_path}.transformer_blocks.{i}",
+                self.block, self.only_cross_attention, self.upcast, self.dtype,
+                name=f"transformer_blocks_{i}")(x, context, (h, w), policy, step)
+            _merge(aux, a)
+        if self.use_linear_projection:
+            x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+        else:
+            x = Conv2d(c, 1, padding=0, dtype=self.dtype, name="proj_out")(
+                x.reshape(b, h, w, inner))
+        return x + residual, aux
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttnArgs:
+    """Per-block attention settings (hashable, a module attribute)."""
+
+    num_heads: int
+    head_dim: int
+    num_layers: int
+    use_linear_projection: bool
+    only_cross_attention: bool
+    upcast: bool
+
+
+class DownBlock(nn.Module):
+    """``CrossAttnDownBlock2D`` (``attn`` set) or ``DownBlock2D`` (``attn=None``).
+
+    Call: x ``(B, h, w, C_in)``. Returns ``(x, skips, aux)``: x ``(B, h', w', C_out)``
+    (h' = ceil(h/2) unless it is the last block), skips one tensor per resnet (+ one after
+    the downsampler), in order.
+    """
+
+    in_channels: int
+    out_channels: int
+    temb_channels: int
+    num_layers: int
+    add_downsample: bool
+    attn: _AttnArgs | None
+    groups: int
+    eps: float
+    downsample_padding: int
+    site_path: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, policy, step):
+        skips, aux = [], {}
+        for i in range(self.num_layers):
+            cin = self.in_channels if i == 0 else self.out_channels
+            x = ResnetBlock2D(cin, self.out_channels, self.temb_channels, self.groups,
+                              self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
+            if self.attn is not None:
+                a = self.attn
+                x, au = Transformer2DModel(
+                    a.num_heads, a.head_dim, a.num_layers, f"{self.site_path}.attentions.{i}", "down",
+                    self.groups, a.use_linear_projection, a.only_cross_attention, a.upcast,
+                    self.dtype, name=f"attentions_{i}")(x, context, policy, step)
+                _merge(aux, au)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(self.out_channels, self.out_channels, self.downsample_padding,
+                             self.dtype, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, tuple(skips), aux
+
+
+class MidBlock(nn.Module):
+    """``UNetMidBlock2DCrossAttn``: resnet, then (attention, resnet) x num_layers.
+
+    Call: x ``(B, h, w, C)``. Returns ``(x, aux)``.
+    """
+
+    channels: int
+    temb_channels: int
+    attn: _AttnArgs
+    groups: int
+    eps: float
+    output_scale_factor: float
+    site_path: str
+    num_layers: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, policy, step):
+        res = lambda i: ResnetBlock2D(  # noqa: E731
+            self.channels, self.channels, self.temb_channels, self.groups, self.eps,
+            self.dtype, output_scale_factor=self.output_scale_factor, name=f"resnets_{i}")
+        x = res(0)(x, temb)
+        aux: dict = {}
+        a = self.attn
+        for i in range(self.num_layers):
+            x, au = Transformer2DModel(
+                a.num_heads, a.head_dim, a.num_layers, f"{self.site_path}.attentions.{i}", "mid",
+                self.groups, a.use_linear_projection, a.only_cross_attention, a.upcast,
+                self.dtype, name=f"attentions_{i}")(x, context, policy, step)
+            _merge(aux, au)
+            x = res(i + 1)(x, temb)
+        return x, aux
+
+
+class UpBlock(nn.Module):
+    """``CrossAttnUpBlock2D`` (``attn`` set) or ``UpBlock2D`` (``attn=None``).
+
+    Call: x ``(B, h, w, C_prev)``, skips the last ``num_layers`` skip tensors of the down
+    path (consumed from the end), ``upsample_size`` the ``(h, w)`` to upsample to (or
+    None for the last block). Returns ``(x, aux)``.
+    """
+
+    in_channels: int
+    out_channels: int
+    prev_output_channels: int
+    temb_channels: int
+    num_layers: int
+    add_upsample: bool
+    attn: _AttnArgs | None
+    groups: int
+    eps: float
+    site_path: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context, upsample_size, policy, step):
+        aux: dict = {}
+        skips = list(skips)
+        for i in range(self.num_layers):
+            skip = skips.pop()
+            cin = (self.prev_output_channels if i == 0 else self.out_channels) + skip.shape[-1]
+            x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+            x = ResnetBlock2D(cin, self.out_channels, self.temb_channels, self.groups,
+                              self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
+            if self.attn is not None:
+                a = self.attn
+                x, au = Transformer2DModel(
+                    a.num_heads, a.head_dim, a.num_layers, f"{self.site_path}.attentions.{i}", "up",
+                    self.groups, a.use_linear_projection, a.only_cross_attention, a.upcast,
+                    self.dtype, name=f"attentions_{i}")(x, context, policy, step)
+                _merge(aux, au)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, self.out_channels, self.dtype,
+                           name="upsamplers_0")(x, upsample_size)
+        return x, aux
+
+
+# --------------------------------------------------------------------------- model
+
+
+class UNet2DConditionModel(nn.Module):
+    """Stable Diffusion's conditional UNet, NHWC, attention through the policy seam.
+
+    Attributes:
+      config: :class:`UNetConfig`.
+      dtype: computation dtype (params stay as given, float32 by default, and are cast).
+
+    Call:
+      sample: ``(B, h, w, C_in)`` noisy latents (NHWC).
+      timesteps: scalar or ``(B,)`` DDPM timesteps (not step indices).
+      encoder_hidden_states: ``(B, S, D)`` context (text encoder output), D =
+        ``config.cross_attention_dim``.
+      policy: ``None`` or an attention policy (see :mod:`jattn.models.attention`).
+      step: int32 scalar step index handed to the policy.
+    Returns:
+      ``(out, aux)``: out ``(B, h, w, C_out)`` in ``dtype``; aux ``{site_path: site_aux}``
+      over every site whose aux is non-empty (``{}`` without a policy).
+    Raises:
+      ValueError: on a wrong channel count or context width.
+    """
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def _attn_args(self, i: int, only_cross: bool | None = None) -> _AttnArgs:
+        cfg = self.config
+        return _AttnArgs(cfg.num_heads[i], cfg.head_dims[i], cfg.transformer_layers_per_block[i],
+                         cfg.use_linear_projection,
+                         cfg.only_cross_attention[i] if only_cross is None else only_cross,
+                         cfg.upcast_attention)
+
+    def time_embedding(self, timesteps: Array, batch: int) -> Array:
+        """``(B, time_embed_dim)`` embedding of the timesteps (float32 features first)."""
+        cfg = self.config
+        t = jnp.asarray(timesteps)
+        t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t, (batch,))
+        feats = timestep_embedding(t, cfg.block_out_channels[0],
+                                   flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                   freq_shift=cfg.freq_shift).astype(self.dtype)
+        return TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype,
+                                 name="time_embedding")(feats)
+
+    @nn.compact
+    def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array, *,
+                 policy=None, step=None) -> tuple[Array, dict]:
+        cfg = self.config
+        if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
+            raise ValueError(f"UNet: sample must be NHWC (B, h, w, {cfg.in_channels}), got "
+                             f"{sample.shape}")
+        if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"UNet: encoder_hidden_states width {encoder_hidden_states.shape}"
+                             f" != cross_attention_dim {cfg.cross_attention_dim}")
+        b = sample.shape[0]
+        context = encoder_hidden_states.astype(self.dtype)
+        temb = self.time_embedding(timesteps, b)
+        groups, eps, chans = cfg.norm_num_groups, cfg.norm_eps, cfg.block_out_channels
+        n = len(chans)
+
+        x = sample.astype(self.dtype)
+        if cfg.center_input_sample:
+            x = 2 * x - 1.0
+        x = Conv2d(chans[0], 3, dtype=self.dtype, name="conv_in")(x)
+
+        aux: dict = {}
+        skips = [x]
+        for i, kind in enumerate(cfg.down_block_types):
+            x, res, au = DownBlock(
+                chans[max(i - 1, 0)], chans[i], cfg.time_embed_dim, cfg.layers_per_block[i],
+                i < n - 1, self._attn_args(i) if _DOWN_TYPES[kind] else None, groups, eps,
+                cfg.downsample_padding, f"down_blocks.{i}", self.dtype,
+                name=f"down_blocks_{i}")(x, temb, context, policy, step)
+            skips.extend(res)
+            _merge(aux, au)
+
+        if cfg.mid_block_type is not None:
+            # UNetMidBlock2DCrossAttn never uses only_cross_attention
+            x, au = MidBlock(chans[-1], cfg.time_embed_dim, self._attn_args(n - 1, False),
+                             groups, eps, cfg.mid_block_scale_factor, "mid_block",
+                             dtype=self.dtype, name="mid_block")(x, temb, context, policy, step)
+            _merge(aux, au)
+
+        rchans = chans[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            j = n - 1 - i  # the matching down block
+            num_layers = cfg.layers_per_block[j] + 1
+            res, skips = skips[-num_layers:], skips[:-num_layers]
+            last = i == n - 1
+            x, au = UpBlock(
+                rchans[min(i + 1, n - 1)], rchans[i], rchans[max(i - 1, 0)], cfg.time_embed_dim,
+                num_layers, not last, self._attn_args(j) if _UP_TYPES[kind] else None,
+                groups, eps, f"up_blocks.{i}", self.dtype, name=f"up_blocks_{i}")(
+                    x, res, temb, context, None if last else tuple(skips[-1].shape[1:3]),
+                    policy, step)
+            _merge(aux, au)
+
+        x = GroupNorm(groups, eps, dtype=self.dtype, name="conv_norm_out")(x)
+        x = nn.silu(x)
+        x = Conv2d(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
+        return x, aux
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _dummy_inputs(config: UNetConfig, sample_size, context_tokens: int, batch: int = 1):
+    if sample_size is None:
+        sample_size = config.sample_size
+    if sample_size is None:
+        raise ValueError("list_sites: config.sample_size is None; pass sample_size")
+    h, w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    return (jax.ShapeDtypeStruct((batch, h, w, config.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.float32),
+            jax.ShapeDtypeStruct((batch, context_tokens, config.cross_attention_dim),
+                                 jnp.float32))
+
+
+def list_sites(config: UNetConfig, sample_size: int | tuple[int, int] | None = None,
+               context_tokens: int = 77) -> list[AttentionSite]:
+    """Every attention site of the UNet, in call order (no FLOPs: ``jax.eval_shape``).
+
+    Args:
+      config: the UNet configuration.
+      sample_size: latent side in cells (int or ``(h, w)``); default ``config.sample_size``.
+      context_tokens: S, the context length (does not change the sites).
+    Returns:
+      list of :class:`AttentionSite` (down blocks, mid block, up blocks; ``attn1`` before
+      ``attn2`` in each transformer block).
+    Raises:
+      ValueError: if no sample size is known.
+    """
+    model = UNet2DConditionModel(config)
+    x, t, ctx = _dummy_inputs(config, sample_size, context_tokens)
+    recorder = SiteRecorder()
+
+    def run(x, t, ctx):
+        return model.init_with_output(jax.random.key(0), x, t, ctx, policy=recorder)
+
+    jax.eval_shape(run, x, t, ctx)
+    return list(recorder.sites)
+
+
+def param_shapes(config: UNetConfig) -> dict:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), no FLOPs."""
+    model = UNet2DConditionModel(config)
+    size = 2 ** (len(config.block_out_channels) - 1)
+    x, t, ctx = _dummy_inputs(config, size, 1)
+    return jax.eval_shape(lambda x, t, ctx: model.init(jax.random.key(0), x, t, ctx),
+                          x, t, ctx)["params"]
+
+
+def init_params(config: UNetConfig, key: Array) -> dict:
+    """Randomly initialised float32 params.
+
+    Kernels (dense ``(C_in, C_out)`` and conv HWIO) are ``N(0, 1/fan_in)`` (the variance of
+    Flax's lecun-normal), biases zero, norm scales one. All normals come from ONE
+    ``jax.random.normal`` draw sliced per parameter on the host: compiling one PRNG call
+    instead of one per parameter keeps this fast on CPU (a tiny UNet: ~1 s, not a minute).
+    """
+    flat = traverse_util.flatten_dict(param_shapes(config))
+    kernels = [(p, s) for p, s in flat.items() if p[-1] == "kernel"]
+    total = sum(int(np.prod(s.shape)) for _, s in kernels)
+
+    # slicing on the host: one jitted program with hundreds of outputs compiles slowly
+    z = np.asarray(jax.random.normal(key, (total,), jnp.float32))
+    out, offset = {}, 0
+    for p, s in flat.items():
+        if p[-1] == "kernel":
+            n = int(np.prod(s.shape))
+            fan_in = int(np.prod(s.shape[:-1]))
+            out[p] = z[offset:offset + n].reshape(s.shape) * np.float32(1.0 / np.sqrt(fan_in))
+            offset += n
+        elif p[-1] == "scale":
+            out[p] = np.ones(s.shape, s.dtype)
+        else:
+            out[p] = np.zeros(s.shape, s.dtype)
+    return jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(out))
+
+
+def convert_unet_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
+                            dtype=None) -> dict:
+    """diffusers ``UNet2DConditionModel`` state dict (numpy, torch layout) -> Flax params.
+
+    Args:
+      state_dict: ``{diffusers_key: array}``, e.g. from ``unet/diffusion_pytorch_model.safetensors``.
+      config: the matching :class:`UNetConfig`.
+      dtype: cast every array to this dtype (default float32).
+    Returns:
+      nested dict of numpy arrays with exactly the model's params structure.
+    Raises:
+      jattn.io.convert.CheckpointMismatchError: naming every missing, unexpected and
+        misshapen key.
+    """
+    return state_dict_to_params(state_dict, param_shapes(config), model_name="unet",
+                                dtype=dtype)
+
+
+def unet_state_dict(params: Mapping, dtype=None) -> dict[str, np.ndarray]:
+    """Flax params -> diffusers ``UNet2DConditionModel`` state dict (numpy, torch layout),
+    loadable with ``load_state_dict(..., strict=True)``."""
+    return params_to_state_dict(params, dtype=dtype)

@@ -20,8 +20,8 @@ from jattn.world.scene import (
 )
 from jattn.world.spec import (
     BACKGROUNDS, COLORS, DEFAULTS, FILLS, HELD_OUT_PAIRS, IMAGE_SIZE, PALETTE, POSITIONS,
-    SHAPES, SIZES, SPLITS, STATED_FILLS, STATED_SIZES, ObjectSpec, SceneSpec, position_of,
-    size_of,
+    SHAPES, SIZES, SPLITS, STATED_FILLS, STATED_SIZES, ObjectSpec, SceneSpec, heldout_specs,
+    position_of, size_of,
 )
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "STATED_FILLS", "STATED_SIZES",
     "ObjectSpec", "SceneSpec", "Scene", "SceneObject", "Detection",
     "caption_for", "object_phrase", "parse_prompt", "position_of", "size_of",
-    "render", "sample_scene", "sample_spec", "shape_mask", "make_dataset", "iter_batches",
+    "heldout_specs", "render", "sample_scene", "sample_spec", "shape_mask", "make_dataset", "iter_batches",
     "detect", "score_image", "classify_pixels", "label_components", "fill_holes",
 ]

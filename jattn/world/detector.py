@@ -10,8 +10,9 @@ each component's colour, shape, fill, size and position are read from its pixels
    second tone (stripes, dots) has the same hue, so it joins the same class.
 2. components: 8-connected, numpy only (min-label propagation with pointer jumping);
    components smaller than ``min_area`` pixels are dropped as noise.
-3. silhouette: holes filled. The hole fraction tells solid (≈0) from ring (≈0.30) from
-   outlined (≈0.6); the silhouette's fill of its box, solidity (area / convex-hull area),
+3. silhouette: holes filled (after a 2×2 opening that drops noisy boundary spurs). The
+   hole fraction tells solid (0) from ring (≈0.25) from outlined (≈0.15–0.6 by shape);
+   the silhouette's fill of its box, solidity (area / convex-hull area),
    aspect, vertical centroid offset and compactness pick the nearest shape prototype
    (prototypes rasterised from ``scene.shape_mask`` at the world's sizes — the definition,
    not any generated scene).

@@ -79,9 +79,10 @@ ANCHORS: dict[str, tuple[float, float]] = {
 }
 # Position of a point (the rule the detector and scoring use): "in the center" when
 # max(|dx|, |dy|) < CENTER_HALF_WIDTH from the image centre, else the dominant axis decides
-# (|dx| >= |dy| → left/right, else top/bottom). Generated objects keep their centroid
-# within 8 px of the anchor along the axis (pushed outward only), so they are never near
-# a boundary of this partition.
+# (|dx| >= |dy| → left/right, else top/bottom). Generated objects sit at most 3 px inward
+# of their anchor along its axis and 6 px across it (the centre one ±4 px), and a shape's
+# centroid is at most ~6 px from its box centre, so no object is near a boundary of this
+# partition.
 CENTER_HALF_WIDTH = 20.0
 MIN_GAP = 4  # pixels between any two objects' masks (so masks never touch)
 OUTLINE_FRACTION = 0.12  # outline width = max(2, round(0.12 × size)) pixels
@@ -102,6 +103,13 @@ HELD_OUT_PAIRS = frozenset({
     ("blue", "triangle"), ("purple", "circle"), ("white", "heart"), ("black", "square"),
 })
 SPLITS = ("train", "heldout", "all")
+
+
+def heldout_specs() -> tuple["SceneSpec", ...]:
+    """One-object prompts never seen in training: every held-out (color, shape) pair at
+    every position (40 specs, fixed order), for evaluation on unseen compositions."""
+    return tuple(SceneSpec((ObjectSpec(c, s, position=p),))
+                 for c, s in sorted(HELD_OUT_PAIRS) for p in POSITIONS)
 
 
 def position_of(x: float, y: float) -> str:

@@ -179,6 +179,9 @@ def test_heldout_split():
     assert world.sample_scene(0, spec=SceneSpec.of("red star"), split="heldout").objects[0].shape == "star"
     with pytest.raises(ValueError, match="unknown split"):
         world.sample_scene(0, split="test")
+    specs = world.heldout_specs()
+    assert len(specs) == 40 and all(
+        (o.color, o.shape) in world.HELD_OUT_PAIRS for sp in specs for o in sp.objects)
 
 
 def test_caption_variants_roundtrip_and_move_tokens():

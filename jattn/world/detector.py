@@ -16,8 +16,8 @@ each component's colour, shape, fill, size and position are read from its pixels
    aspect, vertical centroid offset and compactness pick the nearest shape prototype
    (prototypes rasterised from ``scene.shape_mask`` at the world's sizes — the definition,
    not any generated scene).
-4. fill: outlined from the prototype; otherwise the fraction of second-tone pixels
-   (≈0.5 striped, ≈0.2 dotted, ≈0 solid).
+4. fill: outlined from the prototype; otherwise from the second-tone pixels: under 8% →
+   solid, else striped when they form long bands, dotted when small blobs.
 5. size from the box extent, position from the centroid (``spec.position_of``).
 
 ``score_image(image, spec)`` matches detections to the objects a prompt asked for and says
@@ -33,7 +33,7 @@ import itertools
 import numpy as np
 
 from jattn.world.spec import (
-    COLORS, IMAGE_SIZE, PALETTE, SHADE, SHAPES, SceneSpec, position_of, size_of,
+    COLORS, PALETTE, SHADE, SHAPES, SceneSpec, position_of, size_of,
 )
 
 _BLACK_MAX_VALUE = 0.33

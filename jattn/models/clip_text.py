@@ -254,7 +254,8 @@ def _abstract_params(config: CLIPTextConfig):
 
 def init_clip_text_params(config: CLIPTextConfig, key: Array) -> dict:
     """Randomly initialised parameters (flax default initialisers), e.g. for training."""
-    return CLIPTextModel(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    init = jax.jit(CLIPTextModel(config).init)  # eager init dispatches op by op (slow)
+    return init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def _rename_clip_key(key: str) -> str | None:

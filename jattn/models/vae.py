@@ -379,7 +379,7 @@ def init_vae_params(config: VAEConfig, key: Array) -> dict:
     """Randomly initialised parameters (flax default initialisers), e.g. for training."""
     f = config.downsample_factor
     x = jnp.zeros((1, f, f, config.in_channels), jnp.float32)
-    return AutoencoderKL(config).init(key, x)["params"]
+    return jax.jit(AutoencoderKL(config).init)(key, x)["params"]  # eager init is slow
 
 
 def _legacy_attention_fix(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:

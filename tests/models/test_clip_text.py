@@ -13,12 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import _randomize_torch_module, _torch_to_numpy_state_dict  # noqa: E402
 from jattn.io.convert import CheckpointMismatchError  # noqa: E402
 from jattn.models.clip_text import (  # noqa: E402
     CLIPTextConfig,
     CLIPTextModel,
     clip_text_state_dict,
     convert_clip_text_state_dict,
+    init_clip_text_params,
 )
 
 ATOL = 1e-5
@@ -43,15 +45,11 @@ def _hf_config(style: str):
 
 def _hf_model(style: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = transformers.CLIPTextModel(_hf_config(style)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    model = transformers.CLIPTextModel(_hf_config(style))
+    return _randomize_torch_module(model, seed=seed, std=0.2)
 
 
-def _state_dict(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+_state_dict = _torch_to_numpy_state_dict
 
 
 def _token_batch(eos: int = VOCAB - 1, pad: int = VOCAB - 1):
@@ -110,14 +108,13 @@ def test_pooled_token_rule():
     cfg = CLIPTextConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=8,
                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=6,
                          eos_token_id=VOCAB - 1)
-    model = CLIPTextModel(cfg)
     ids = jnp.asarray([[VOCAB - 2, 5, VOCAB - 1, VOCAB - 1, VOCAB - 1, VOCAB - 1]], jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
-    out = model.apply({"params": params}, ids)
+    params = init_clip_text_params(cfg, jax.random.key(0))
+    out = jax.jit(CLIPTextModel(cfg).apply)({"params": params}, ids)
     np.testing.assert_array_equal(out["pooler_output"], out["last_hidden_state"][:, 2])
     legacy = CLIPTextModel(dataclasses.replace(cfg, eos_token_id=2))
     ids2 = jnp.asarray([[VOCAB - 3, 5, 7, VOCAB - 1, 0, 0]], jnp.int32)
-    out2 = legacy.apply({"params": params}, ids2)
+    out2 = jax.jit(legacy.apply)({"params": params}, ids2)
     np.testing.assert_array_equal(out2["pooler_output"], out2["last_hidden_state"][:, 3])
 
 

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.io.convert import params_to_state_dict, state_dict_to_params
-from jattn.models.attention import default_attention
 from jattn.models.layers import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 Array = jax.Array
@@ -144,8 +143,9 @@ class _VAEAttention(nn.Module):
         q = dense("to_q")(y)[:, :, None, :]  # (B, T, 1, C): one head of dim C
         k = dense("to_k")(y)[:, :, None, :]
         v = dense("to_v")(y)[:, :, None, :]
-        # diffusers runs this softmax in float32 (upcast_softmax=True)
-        out = default_attention(q, k, v, upcast=True)  # (B, T, 1, C)
+        # diffusers runs this softmax in float32 (upcast_softmax=True); jax's kernel already
+        # computes logits and softmax in float32 for bf16/f16 inputs.
+        out = jax.nn.dot_product_attention(q, k, v)  # (B, T, 1, C), scale 1/sqrt(C)
         out = dense("to_out_0")(out.reshape(b, h * w, c))
         return out.reshape(b, h, w, c) + x.astype(self.dtype)
 

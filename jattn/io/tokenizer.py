@@ -44,14 +44,19 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
     from transformers import CLIPTokenizer  # the one transformers use allowed at run time
 
     path = BUNDLED_TOKENIZER_DIR if folder is None else Path(folder)
-    if not (path / "vocab.json").is_file() and (path / "tokenizer" / "vocab.json").is_file():
+
+    def _has_files(p: Path) -> bool:
+        return (p / "tokenizer.json").is_file() or all(
+            (p / n).is_file() for n in ("vocab.json", "merges.txt"))
+
+    if not _has_files(path) and _has_files(path / "tokenizer"):
         path = path / "tokenizer"
-    missing = [n for n in ("vocab.json", "merges.txt") if not (path / n).is_file()]
-    if missing:
+    if not _has_files(path):
         raise FileNotFoundError(
-            f"tokenizer folder {path} lacks {', '.join(missing)}; expected the layout of "
-            "openai/clip-vit-large-patch14 (vocab.json, merges.txt, tokenizer_config.json). "
-            "Rebuild the bundled one with `python scripts/build_tokenizer.py`.")
+            f"tokenizer folder {path} lacks vocab.json + merges.txt (or tokenizer.json); "
+            "expected the layout of openai/clip-vit-large-patch14 (vocab.json, merges.txt, "
+            "tokenizer_config.json). Rebuild the bundled one with "
+            "`python scripts/build_tokenizer.py`.")
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

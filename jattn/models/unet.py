@@ -46,6 +46,7 @@ __all__ = [
     "param_shapes",
     "convert_unet_state_dict",
     "unet_state_dict",
+    "timestep_features",
 ]
 
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -582,6 +583,22 @@ class UpBlock(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
+def timestep_features(config: UNetConfig, timesteps: Array, batch: int) -> Array:
+    """Sinusoidal features of the timesteps (diffusers' ``time_proj``), float32.
+
+    Args:
+      timesteps: scalar, ``(1,)`` or ``(B,)`` DDPM timesteps (broadcast to ``(B,)``).
+      batch: B.
+    Returns:
+      ``(B, block_out_channels[0])`` float32.
+    """
+    t = jnp.asarray(timesteps)
+    t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t, (batch,))
+    return timestep_embedding(t, config.block_out_channels[0],
+                              flip_sin_to_cos=config.flip_sin_to_cos,
+                              freq_shift=config.freq_shift)
+
+
 class UNet2DConditionModel(nn.Module):
     """Stable Diffusion's conditional UNet, NHWC, attention through the policy seam.
 
@@ -613,17 +630,6 @@ class UNet2DConditionModel(nn.Module):
                          cfg.only_cross_attention[i] if only_cross is None else only_cross,
                          cfg.upcast_attention)
 
-    def time_embedding(self, timesteps: Array, batch: int) -> Array:
-        """``(B, time_embed_dim)`` embedding of the timesteps (float32 features first)."""
-        cfg = self.config
-        t = jnp.asarray(timesteps)
-        t = jnp.broadcast_to(t.reshape(-1) if t.ndim else t, (batch,))
-        feats = timestep_embedding(t, cfg.block_out_channels[0],
-                                   flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift).astype(self.dtype)
-        return TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype,
-                                 name="time_embedding")(feats)
-
     @nn.compact
     def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array, *,
                  policy=None, step=None) -> tuple[Array, dict]:
@@ -636,7 +642,9 @@ class UNet2DConditionModel(nn.Module):
                              f" != cross_attention_dim {cfg.cross_attention_dim}")
         b = sample.shape[0]
         context = encoder_hidden_states.astype(self.dtype)
-        temb = self.time_embedding(timesteps, b)
+        feats = timestep_features(cfg, timesteps, b).astype(self.dtype)
+        temb = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype,
+                                 name="time_embedding")(feats)
         groups, eps, chans = cfg.norm_num_groups, cfg.norm_eps, cfg.block_out_channels
         n = len(chans)
 

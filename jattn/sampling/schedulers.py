@@ -256,8 +256,7 @@ class SchedulerConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         if strict and native:
             unknown = sorted(k for k in config
-                             if k not in fields and k not in _MUST_BE and k not in _IGNORED
-                             and k != "variance_type")
+                             if k not in fields and k not in _MUST_BE and k not in _IGNORED)
             if unknown:
                 raise ValueError(f"unknown keys in {class_name} config: {unknown} "
                                  "(pass strict=False to ignore them)")

@@ -128,7 +128,11 @@ def test_batch_equals_single(jpipe):
     batch = jpipe.generate(PROMPTS, num_inference_steps=3, seed=10, scheduler="ddim", eta=0.5)
     alone = jpipe.generate(PROMPTS[1:], num_inference_steps=3, seed=11, scheduler="ddim",
                            eta=0.5)
-    np.testing.assert_allclose(batch.latents[1], alone.latents[0], atol=1e-5)
+    # same noise; only float rounding of batched matmuls may differ
+    np.testing.assert_allclose(batch.latents[1], alone.latents[0], atol=1e-3)
+    other = jpipe.generate(PROMPTS[1:], num_inference_steps=3, seed=12, scheduler="ddim",
+                           eta=0.5)
+    assert np.abs(other.latents[0] - alone.latents[0]).max() > 0.1  # the seed matters
     assert np.abs(batch.images[1].astype(int) - alone.images[0].astype(int)).max() <= 1
 
 
@@ -167,7 +171,7 @@ def test_prompt_over_77_tokens_raises(jpipe):
 
 def test_sites_listing(jpipe):
     sites = jpipe.sites()
-    assert len(sites) == 2 * 3  # down 1 block + up 2 blocks, attn1 + attn2 each
+    assert len(sites) == 2 * 4  # down 1 + mid 1 + up 2 transformer blocks, attn1 + attn2 each
     assert sites[0].path == "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     assert {s.kind for s in sites} == {"self", "cross"}
 

@@ -1,0 +1,209 @@
+"""DDIM inversion and null-text inversion, compiled.
+
+Source: Mokady, Hertz, Aberman, Pritch, Cohen-Or, "Null-text Inversion for Editing Real
+Images using Guided Diffusion Models" (CVPR 2023); reference google/prompt-to-prompt
+``null_text_w_ptp.ipynb`` (``NullInversion``: ``ddim_loop``, ``null_optimization``).
+
+* DDIM inversion: the VAE posterior mean × scaling factor, then ``T`` DDIM steps backwards
+  with the conditional prediction only (guidance 1), keeping every latent
+  ``z*_0 … z*_T``.
+* Null-text inversion: for each step ``i`` (from ``z̄_T = z*_T``), Adam on the
+  unconditional embedding (warm-started from the previous step's), lr ``1e-2·(1 − i/100)``,
+  at most ``inner_steps`` iterations, loss ``MSE(DDIM step with CFG from z̄_i, z*_{T−i−1})``,
+  early stop once the loss (measured before the update, as the reference) is below
+  ``1e-5 + i·2e-5``; then ``z̄`` takes the CFG step with the optimised embedding. The loop
+  over steps is a ``lax.scan``, the inner loop a ``lax.while_loop``; a batch of images is
+  ``vmap`` ped (each image stops on its own).
+
+Shapes: latents ``(B, h, w, C)`` NHWC; embeddings ``(B, S, D)``; per-step embeddings
+``(T, B, S, D)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jattn.sampling import schedulers as sch
+
+Array = jax.Array
+
+__all__ = ["Inversion", "ddim_inversion_loop", "null_text_loop", "invert", "save_inversion",
+           "load_inversion"]
+
+
+@dataclasses.dataclass
+class Inversion:
+    """Result of :func:`invert`.
+
+    Attributes:
+      latents: float32 ``(T+1, B, h, w, C)`` DDIM-inversion trajectory ``z*_0 … z*_T``.
+      uncond_per_step: float32 ``(T, B, S, D)`` optimised null-text embeddings (None for
+        plain DDIM inversion).
+      prompt: the source prompt(s); num_inference_steps, guidance_scale: the settings.
+      inner_iterations: int ``(T, B)`` Adam iterations used per step (null-text).
+    """
+
+    latents: np.ndarray
+    uncond_per_step: np.ndarray | None
+    prompt: list[str]
+    num_inference_steps: int
+    guidance_scale: float
+    inner_iterations: np.ndarray | None = None
+
+    @property
+    def x_t(self) -> np.ndarray:
+        """``z*_T`` as NCHW ``(B, C, h, w)`` (diffusers' ``latents=``; DDIM's init sigma is 1)."""
+        return self.latents[-1].transpose(0, 3, 1, 2)
+
+
+def ddim_inversion_loop(unet_fn, schedule: sch.Schedule, z0: Array, cond: Array) -> Array:
+    """``z*_0 … z*_T`` ``(T+1, B, h, w, C)`` by DDIM inversion with the conditional eps."""
+    n = schedule.timesteps.shape[0]
+
+    def body(z, i):
+        t = schedule.timesteps[i]
+        eps, _ = unet_fn(z, jnp.broadcast_to(t, (z.shape[0],)), cond, None, None)
+        z = sch.ddim_inversion_step(schedule, eps.astype(jnp.float32), i, z)
+        return z, z
+
+    _, zs = jax.lax.scan(body, z0, jnp.arange(n - 1, -1, -1))
+    return jnp.concatenate([z0[None], zs], axis=0)
+
+
+def null_text_loop(unet_fn, schedule: sch.Schedule, latents: Array, cond: Array, uncond: Array,
+                   guidance_scale: float, inner_steps: int = 10, epsilon: float = 1e-5
+                   ) -> tuple[Array, Array]:
+    """Null-text optimisation for ONE image (batch axis 1; ``vmap`` it for several).
+
+    Args:
+      latents: ``(T+1, 1, h, w, C)`` from :func:`ddim_inversion_loop`.
+      cond, uncond: ``(1, S, D)`` prompt and initial unconditional ("") embeddings.
+    Returns:
+      ``(uncond_per_step (T, 1, S, D), iterations (T,))``.
+    """
+    n = schedule.timesteps.shape[0]
+    adam = optax.scale_by_adam()  # torch.optim.Adam defaults: b1 .9, b2 .999, eps 1e-8
+
+    def eps_of(z, t, ctx):
+        out, _ = unet_fn(z, jnp.broadcast_to(t, (z.shape[0],)), ctx, None, None)
+        return out.astype(jnp.float32)
+
+    def outer(carry, i):
+        z, u = carry
+        t = schedule.timesteps[i]
+        target = latents[n - i - 1]
+        e_c = jax.lax.stop_gradient(eps_of(z, t, cond))
+        lr = 1e-2 * (1.0 - i / 100.0)
+
+        def loss_fn(u_):
+            e_u = eps_of(z, t, u_)
+            e = e_u + guidance_scale * (e_c - e_u)
+            prev, _, _ = sch.step(schedule, sch.init_state(schedule, z), e, i, z)
+            return jnp.mean((prev - target) ** 2)
+
+        def cond_fn(s):
+            j, _, _, done = s
+            return (j < inner_steps) & ~done
+
+        def body_fn(s):
+            j, u_, opt, _ = s
+            loss, g = jax.value_and_grad(loss_fn)(u_)
+            upd, opt = adam.update(g, opt)
+            u_ = u_ - lr * upd
+            return j + 1, u_, opt, loss < epsilon + i * 2e-5
+
+        j, u, _, _ = jax.lax.while_loop(cond_fn, body_fn,
+                                        (jnp.int32(0), u, adam.init(u), jnp.asarray(False)))
+        e_u = eps_of(z, t, u)
+        e = e_u + guidance_scale * (e_c - e_u)
+        z, _, _ = sch.step(schedule, sch.init_state(schedule, z), e, i, z)
+        return (z, u), (u, j)
+
+    (_, _), (us, iters) = jax.lax.scan(outer, (latents[-1], uncond), jnp.arange(n))
+    return us, iters
+
+
+def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "null-text",
+           num_inference_steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
+           epsilon: float = 1e-5) -> Inversion:
+    """Invert real images for editing.
+
+    Args:
+      pipe: a :class:`jattn.pipeline.Pipeline` (DDIM schedule with the checkpoint's betas).
+      images: uint8 ``(B, H, W, 3)`` (H, W multiples of 8; the pipeline's size for
+        editing).
+      prompt: one source prompt per image (a str for all).
+      method: ``"null-text"`` or ``"ddim"``.
+    Returns:
+      :class:`Inversion`.
+    Raises:
+      ValueError: unknown method, image shape not (B, H, W, 3) uint8-like, prompt count.
+    """
+    if method not in ("null-text", "ddim"):
+        raise ValueError(f"method={method!r}: choose 'null-text' or 'ddim'")
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: shape {images.shape}, expected (B, H, W, 3) uint8")
+    prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"prompt: {len(prompts)} prompts for {images.shape[0]} images")
+    schedule = pipe.schedule(num_inference_steps, "ddim", 0.0)
+    z0 = pipe.encode_images(images)
+    cond = pipe.encode_prompts(prompts)
+    key = ("ddim_invert", num_inference_steps)
+    if key not in pipe._cache:
+        def run(params, schedule, z0, cond):
+            pipe._count("ddim_invert")
+            return ddim_inversion_loop(pipe.unet_fn(params), schedule, z0, cond)
+
+        pipe._cache[key] = jax.jit(run)
+    lats = pipe._cache[key](pipe.params["unet"], schedule, z0, cond)
+    if method == "ddim":
+        return Inversion(np.asarray(lats), None, prompts, num_inference_steps, guidance_scale)
+    uncond = pipe.encode_prompts([""] * len(prompts))
+    key = ("null_text", num_inference_steps, inner_steps, float(epsilon))
+    if key not in pipe._cache:
+        def run_nt(params, schedule, lats, cond, uncond, gs):
+            pipe._count("null_text")
+            fn = pipe.unet_fn(params)
+
+            def one(l, c, u):  # one image: add the batch axis of 1
+                us, it = null_text_loop(fn, schedule, l[:, None], c[None], u[None], gs,
+                                        inner_steps, epsilon)
+                return us[:, 0], it
+
+            us, it = jax.vmap(one, in_axes=(1, 0, 0), out_axes=(1, 1))(lats, cond, uncond)
+            return us, it
+
+        pipe._cache[key] = jax.jit(run_nt)
+    us, iters = pipe._cache[key](pipe.params["unet"], schedule, lats, cond, uncond,
+                                 jnp.float32(guidance_scale))
+    return Inversion(np.asarray(lats), np.asarray(us, np.float32), prompts, num_inference_steps,
+                     guidance_scale, np.asarray(iters))
+
+
+def save_inversion(inv: Inversion, path) -> None:
+    """Write an :class:`Inversion` as ``.npz`` (reusable by ``jattn edit --inversion-file``)."""
+    np.savez_compressed(
+        path, latents=inv.latents,
+        uncond_per_step=inv.uncond_per_step if inv.uncond_per_step is not None else np.zeros(0),
+        prompt=np.asarray(inv.prompt), num_inference_steps=inv.num_inference_steps,
+        guidance_scale=inv.guidance_scale,
+        inner_iterations=inv.inner_iterations if inv.inner_iterations is not None else np.zeros(0))
+
+
+def load_inversion(path) -> Inversion:
+    """Read an ``.npz`` written by :func:`save_inversion`."""
+    d = np.load(path, allow_pickle=False)
+    u = d["uncond_per_step"]
+    it = d["inner_iterations"]
+    return Inversion(d["latents"], u if u.size else None, [str(p) for p in d["prompt"]],
+                     int(d["num_inference_steps"]), float(d["guidance_scale"]),
+                     it if it.size else None)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jattn.io.images import save_images
+
 SCHEDULERS = ["ddim", "ddpm", "euler", "dpm++2m"]
 
 
@@ -27,19 +29,6 @@ def _load(args):
     import jattn
 
     return jattn.load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
-
-
-def save_images(images: np.ndarray, out_dir: Path, start: int = 0) -> list[Path]:
-    """Write uint8 ``(B, H, W, 3)`` images as ``out_dir/000.png, 001.png, …``."""
-    from PIL import Image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        p = out_dir / f"{start + i:03d}.png"
-        Image.fromarray(np.asarray(img)).save(p)
-        paths.append(p)
-    return paths
 
 
 def cmd_generate(args) -> int:
@@ -62,6 +51,92 @@ def cmd_generate(args) -> int:
     paths = save_images(out.images, Path(args.out_dir))
     for p, prompt in zip(paths, args.prompt):
         print(f"{p}\t{prompt}")
+    return 0
+
+
+def _parse_equalize(items) -> dict[str, float]:
+    out = {}
+    for it in items or []:
+        word, sep, val = it.partition("=")
+        try:
+            out[word] = float(val)
+        except ValueError:
+            sep = ""
+        if not sep or not word:
+            raise ValueError(f"--equalize {it!r}: use WORD=VALUE, e.g. --equalize red=3")
+    return out
+
+
+def _grid(images, labels, path: Path) -> None:
+    from jattn.policy.analysis import grid
+
+    grid(list(images), rows=1, cols=len(images), labels=labels).save(path)
+
+
+def cmd_edit_p2p(args) -> int:
+    from jattn.io.images import load_image, psnr
+    from jattn.methods.p2p import edit
+    from jattn.sampling.inversion import invert, load_inversion, save_inversion
+
+    pipe = _load(args)
+    out_dir = Path(args.out_dir)
+    inv = None
+    if args.inversion_file:
+        inv = load_inversion(args.inversion_file)
+        if inv.num_inference_steps != args.steps:
+            raise ValueError(f"--inversion-file was made with {inv.num_inference_steps} steps; "
+                             f"pass --steps {inv.num_inference_steps}")
+    elif args.image:
+        size = pipe.default_size
+        image = load_image(args.image, size)
+        inv = invert(pipe, image[None], args.prompt, method=args.inversion,
+                     num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_inversion(inv, out_dir / "inversion.npz")
+    kwargs = dict(mode=args.mode, cross_replace_steps=args.cross_steps,
+                  self_replace_steps=args.self_steps, equalize=_parse_equalize(args.equalize),
+                  blend_words=args.blend_words, subtract_words=args.subtract_words,
+                  start_blend=args.start_blend)
+    res = edit(pipe, args.prompt, args.target, num_inference_steps=args.steps,
+               guidance_scale=args.guidance_scale, seed=args.seed,
+               latents=None if inv is None else inv.x_t[:1],
+               uncond_per_step=None if inv is None or inv.uncond_per_step is None
+               else inv.uncond_per_step[:, :1], **kwargs)
+    paths = save_images(res.images, out_dir)
+    labels = [("reconstruction: " if inv is not None else "source: ") + args.prompt] + \
+        list(args.target)
+    _grid(res.images, labels, out_dir / "grid.png")
+    for p, label in zip(paths, labels):
+        print(f"{p}\t{label}")
+    if args.image and not args.inversion_file:
+        print(f"reconstruction PSNR vs input: {psnr(res.images[0], image):.2f} dB")
+    print(f"{out_dir / 'grid.png'}")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from jattn.io.images import load_image, psnr
+    from jattn.sampling.inversion import invert, save_inversion
+
+    pipe = _load(args)
+    out_dir = Path(args.out_dir)
+    image = load_image(args.image, pipe.default_size)
+    inv = invert(pipe, image[None], args.prompt, method=args.method,
+                 num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    gs = args.guidance_scale if args.method == "null-text" else 1.0
+    rec = pipe.generate([args.prompt], num_inference_steps=args.steps, guidance_scale=gs,
+                        scheduler="ddim", latents=inv.x_t, uncond_per_step=inv.uncond_per_step)
+    vae_rt = pipe.decode(pipe.encode_images(image[None]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    Image.fromarray(rec.images[0]).save(out_dir / "reconstruction.png")
+    Image.fromarray(vae_rt[0]).save(out_dir / "vae_roundtrip.png")
+    Image.fromarray(image).save(out_dir / "input.png")
+    save_inversion(inv, out_dir / "inversion.npz")
+    print(f"{out_dir / 'reconstruction.png'}\tPSNR {psnr(rec.images[0], image):.2f} dB "
+          f"(VAE round trip {psnr(vae_rt[0], image):.2f} dB)")
+    print(f"{out_dir / 'inversion.npz'}")
     return 0
 
 
@@ -95,6 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy float32 (B, C, h, w): unscaled initial noise as diffusers' latents=")
     g.add_argument("--out-dir", required=True)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("edit", help="attention-editing methods")
+    esub = e.add_subparsers(dest="method", required=True)
+    p = esub.add_parser("p2p", help="Prompt-to-Prompt (Hertz et al. 2023)")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="source prompt")
+    p.add_argument("--target", action="append", required=True, help="edited prompt (repeat)")
+    p.add_argument("--mode", choices=["replace", "refine", "reweight"], default="replace")
+    p.add_argument("--cross-steps", type=float, default=0.8)
+    p.add_argument("--self-steps", type=float, default=0.4)
+    p.add_argument("--equalize", nargs="*", default=None, metavar="WORD=VALUE")
+    p.add_argument("--blend-words", nargs="*", default=None)
+    p.add_argument("--subtract-words", nargs="*", default=None)
+    p.add_argument("--start-blend", type=float, default=0.0)
+    p.add_argument("--image", default=None, help="real image to edit (inverted first)")
+    p.add_argument("--inversion", choices=["null-text", "ddim"], default="null-text")
+    p.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_edit_p2p)
+
+    iv = sub.add_parser("invert", help="DDIM / null-text inversion of a real image")
+    _add_model_args(iv)
+    iv.add_argument("--image", required=True)
+    iv.add_argument("--prompt", required=True)
+    iv.add_argument("--method", choices=["null-text", "ddim"], default="null-text")
+    iv.add_argument("--steps", type=int, default=50)
+    iv.add_argument("--guidance-scale", type=float, default=7.5)
+    iv.add_argument("--out-dir", required=True)
+    iv.set_defaults(func=cmd_invert)
 
     s = sub.add_parser("sites", help="list the attention sites of the UNet")
     _add_model_args(s)

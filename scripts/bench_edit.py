@@ -1,0 +1,170 @@
+"""Benchmark: Prompt-to-Prompt edit cost and null-text inversion speed.
+
+Run:  python scripts/bench_edit.py [--model DIR] [--steps 50] [--targets 3]
+      (default model: the bundled one)
+
+Prints, in one run on the same model:
+  1. P2P edit time / plain generation time for the same batch ``[source, targets…]``
+     (steady state, compiled; goal ≤ 1.15×), for replace and refine+local blend;
+  2. null-text inversion: jattn (compiled: scan + while_loop) vs a faithful eager loop of
+     the reference algorithm (google/prompt-to-prompt ``null_text_w_ptp.ipynb``
+     ``NullInversion``) in torch on the same weights loaded by diffusers; the speed ratio
+     and both reconstructions' PSNR against the VAE round trip;
+  3. the number of compilations of the second edit with new prompts (expected 0).
+Expected on this CPU with the bundled model: edit/plain ≤ 1.15; inversion ratio printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def steady(fn, repeats=2):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def torch_null_text(folder, image_u8, prompt, steps, guidance, inner=10, eps=1e-5):
+    """Faithful eager re-statement of the reference NullInversion in torch (timed)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                   requires_safety_checker=False)
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    unet, vae = pipe.unet, pipe.vae
+    tok, te = pipe.tokenizer, pipe.text_encoder
+
+    def emb(text):
+        ids = tok([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return te(ids)[0]
+
+    def prev_step(out, t, sample):
+        prev_t = t - sched.config.num_train_timesteps // steps
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+        x0 = (sample - (1 - a_t) ** 0.5 * out) / a_t ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * out
+
+    def next_step(out, t, sample):
+        t, next_t = min(t - sched.config.num_train_timesteps // steps, 999), t
+        a_t = sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
+        a_next = sched.alphas_cumprod[next_t]
+        x0 = (sample - (1 - a_t) ** 0.5 * out) / a_t ** 0.5
+        return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * out
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x = torch.from_numpy(image_u8).float().permute(2, 0, 1)[None] / 127.5 - 1
+        lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        cond, uncond = emb(prompt), emb("")
+        all_lat = [lat]
+        for i in range(steps):
+            t = sched.timesteps[len(sched.timesteps) - i - 1]
+            lat = next_step(unet(lat, t, encoder_hidden_states=cond).sample, t, lat)
+            all_lat.append(lat)
+    ddim_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    uncond_list, cur = [], all_lat[-1]
+    for i in range(steps):
+        uncond = uncond.clone().detach().requires_grad_(True)
+        opt = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        target = all_lat[len(all_lat) - i - 2]
+        t = sched.timesteps[i]
+        with torch.no_grad():
+            e_c = unet(cur, t, encoder_hidden_states=cond).sample
+        for _ in range(inner):
+            e_u = unet(cur, t, encoder_hidden_states=uncond).sample
+            e = e_u + guidance * (e_c - e_u)
+            loss = F.mse_loss(prev_step(e, t, cur), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < eps + i * 2e-5:
+                break
+        uncond_list.append(uncond[:1].detach())
+        with torch.no_grad():
+            e_u = unet(cur, t, encoder_hidden_states=uncond).sample
+            cur = prev_step(e_u + guidance * (e_c - e_u), t, cur)
+    nt_s = time.perf_counter() - t1
+    return ddim_s, nt_s, torch.stack(uncond_list).numpy()
+
+
+def main():
+    import jattn
+    from jattn.io.images import psnr
+    from jattn.methods.p2p import edit
+    from jattn.sampling.inversion import invert
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--targets", type=int, default=3)
+    ap.add_argument("--skip-torch", action="store_true")
+    args = ap.parse_args()
+    pipe = jattn.load(args.model)
+    folder = pipe.source
+    n = args.steps
+    src = "a red circle on the left"
+    tgts = ["a blue circle on the left", "a green circle on the left",
+            "a yellow circle on the left", "a purple circle on the left"][:args.targets]
+    m = 1 + len(tgts)
+    lat = np.random.default_rng(0).standard_normal(
+        (1, pipe.unet_config.in_channels, pipe.default_size // 8, pipe.default_size // 8)
+    ).astype(np.float32)
+    plain = steady(lambda: pipe.generate([src] + tgts, num_inference_steps=n, scheduler="ddim",
+                                         latents=np.repeat(lat, m, 0)))
+    rep = steady(lambda: edit(pipe, src, tgts, num_inference_steps=n, latents=lat))
+    ref = steady(lambda: edit(pipe, src, ["a red striped circle on the left"],
+                              mode="refine", num_inference_steps=n, latents=lat,
+                              blend_words=["circle"]))
+    plain_2 = steady(lambda: pipe.generate([src, src], num_inference_steps=n, scheduler="ddim",
+                                           latents=np.repeat(lat, 2, 0)))
+    print(f"# model {folder}; {n} DDIM steps, CFG 7.5")
+    print(f"p2p replace, batch {m}: edit {rep:.2f}s / plain {plain:.2f}s = {rep / plain:.3f}x "
+          "(both include VAE decode)")
+    print(f"p2p refine + local blend, batch 2: {ref:.2f}s / plain {plain_2:.2f}s = "
+          f"{ref / plain_2:.3f}x")
+    before = dict(pipe.trace_counts)
+    edit(pipe, "a green square at the top", ["a green star at the top", "a green heart at the top",
+                                             "a green triangle at the top"][:args.targets],
+         num_inference_steps=n, latents=lat)
+    new = {k: v - before.get(k, 0) for k, v in pipe.trace_counts.items() if v != before.get(k, 0)}
+    print(f"compilations on a second edit with new prompts: {sum(new.values())} {new}")
+
+    from skimage import data
+    from PIL import Image
+
+    img = np.asarray(Image.fromarray(data.astronaut()).resize((pipe.default_size,) * 2,
+                                                               Image.Resampling.LANCZOS))
+    prompt = "a photo of a person"
+    invert(pipe, img[None], prompt, num_inference_steps=n)  # compile
+    t0 = time.perf_counter()
+    inv = invert(pipe, img[None], prompt, num_inference_steps=n)
+    jax_s = time.perf_counter() - t0
+    rec = pipe.generate([prompt], num_inference_steps=n, latents=inv.x_t, scheduler="ddim",
+                        uncond_per_step=inv.uncond_per_step)
+    vae_rt = pipe.decode(pipe.encode_images(img[None]))
+    print(f"null-text inversion jattn: {jax_s:.2f}s (steady, incl. DDIM inversion); "
+          f"inner iterations used {int(inv.inner_iterations.sum())}")
+    print(f"PSNR vs input: null-text reconstruction {psnr(rec.images[0], img):.2f} dB, VAE round "
+          f"trip {psnr(vae_rt[0], img):.2f} dB")
+    if not args.skip_torch:
+        ddim_s, nt_s, _ = torch_null_text(folder, img, prompt, n, 7.5)
+        print(f"null-text inversion torch eager reference: {ddim_s + nt_s:.2f}s "
+              f"(DDIM {ddim_s:.2f}s + optimisation {nt_s:.2f}s); "
+              f"speed-up jattn vs torch {(ddim_s + nt_s) / jax_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,9 @@
   models where compile time dominates; -O0 cuts it ~2.5x and changes no float semantics
   (XLA never reassociates float math unless fast-math is on, which it is not);
 * fixtures ``torch_to_numpy_state_dict`` and ``randomize_torch_module`` (functions), for
-  parity tests against diffusers/transformers on the same random weights.
+  parity tests against diffusers/transformers on the same random weights;
+* session fixture ``tiny_sd_dir``: a tiny random SD pipeline folder in diffusers layout
+  (``_tiny_diffusers_pipeline``) for tests that load it with ``jattn.load``.
 """
 
 from __future__ import annotations
@@ -65,3 +67,55 @@ def torch_to_numpy_state_dict():
 def randomize_torch_module():
     """The function ``(module, seed=0, std=0.2, norm_std=0.1) -> module`` (in place)."""
     return _randomize_torch_module
+
+
+def _tiny_diffusers_pipeline(seed: int = 0, sd2: bool = False):
+    """A tiny random diffusers ``StableDiffusionPipeline`` (8² latents, 16² px, bundled
+    CLIP tokenizer): UNet with attention sites at 8² (down_blocks.0, up_blocks.1) and 4²
+    (mid_block)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8,
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2, upcast_attention=sd2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                        sample_size=16)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+        hidden_act="gelu" if sd2 else "quick_gelu"))
+    _randomize_torch_module(unet, seed, std=0.08)
+    _randomize_torch_module(vae, seed + 1, std=0.08)
+    _randomize_torch_module(text, seed + 2, std=0.08)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                          prediction_type="v_prediction" if sd2 else "epsilon")
+    from jattn.io.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    tok = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random SD1-style pipeline saved in diffusers layout (safetensors), shared by
+    every test module that loads it with ``jattn.load``."""
+    d = tmp_path_factory.mktemp("tiny_sd")
+    pipe = _tiny_diffusers_pipeline()
+    pipe.save_pretrained(d, safe_serialization=True)
+    return d

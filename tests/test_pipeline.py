@@ -19,57 +19,15 @@ import pytest
 import jattn
 from jattn.io.checkpoint import CheckpointNotFoundError, PickleRefusedError
 from jattn.io.convert import CheckpointMismatchError
-from jattn.io.tokenizer import BUNDLED_TOKENIZER_DIR
+from conftest import _tiny_diffusers_pipeline
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 
 
-def _tiny_diffusers_pipeline(seed: int = 0, sd2: bool = False):
-    import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from conftest import _randomize_torch_module
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8,
-        attention_head_dim=(2, 4) if sd2 else 2,
-        use_linear_projection=sd2, upcast_attention=sd2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-                        sample_size=16)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407,
-        hidden_act="gelu" if sd2 else "quick_gelu"))
-    _randomize_torch_module(unet, seed, std=0.08)
-    _randomize_torch_module(vae, seed + 1, std=0.08)
-    _randomize_torch_module(text, seed + 2, std=0.08)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                          prediction_type="v_prediction" if sd2 else "epsilon")
-    tok = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=sched, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random SD1-style pipeline saved in diffusers layout (safetensors)."""
-    d = tmp_path_factory.mktemp("tiny_sd")
-    pipe = _tiny_diffusers_pipeline()
-    pipe.save_pretrained(d, safe_serialization=True)
-    return d
+def tiny_dir(tiny_sd_dir):
+    """The tiny random SD1-style pipeline folder (conftest's session fixture)."""
+    return tiny_sd_dir
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def main():
             "a yellow circle on the left", "a purple circle on the left"][:args.targets]
     m = 1 + len(tgts)
     lat = np.random.default_rng(0).standard_normal(
-        (1, pipe.unet_config.in_channels, pipe.default_size // 8, pipe.default_size // 8)
+        (1, pipe.unet_config.in_channels) + (pipe.default_size // pipe.vae_scale_factor,) * 2
     ).astype(np.float32)
     plain = steady(lambda: pipe.generate([src] + tgts, num_inference_steps=n, scheduler="ddim",
                                          latents=np.repeat(lat, m, 0)))

@@ -186,7 +186,10 @@ class Pipeline:
         """Every attention site of the UNet in call order, for an image of ``height×width`` px."""
         h = (height or self.default_size) // self.vae_scale_factor
         w = (width or self.default_size) // self.vae_scale_factor
-        return unet_lib.list_sites(self.unet_config, sample_size=(h, w))
+        key = ("sites", h, w)
+        if key not in self._cache:  # tracing the UNet shape-only costs ~0.5 s: do it once
+            self._cache[key] = unet_lib.list_sites(self.unet_config, sample_size=(h, w))
+        return list(self._cache[key])
 
     # ------------------------------------------------------------------ sampling
     def schedule(self, num_inference_steps: int, scheduler: str | None = None,

@@ -143,13 +143,15 @@ class _RecordingPolicy:
         return out, {"probs": probs}
 
 
+# one level: down, mid and up attention, no resampling; compiles fast
+ONE_LEVEL = dict(BASE, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                 up_block_types=("CrossAttnUpBlock2D",), attention_head_dim=2, sample_size=8)
+
+
 def test_identity_policy_is_bit_identical():
-    """A policy that leaves every site alone gives exactly the no-policy output (one-level
-    UNet: down, mid and up attention, compiles fast). Fails if the policy path changes the
-    computation (e.g. a different attention kernel)."""
-    cfg = UNetConfig.from_diffusers(dict(
-        BASE, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",), attention_head_dim=2, sample_size=8))
+    """A policy that leaves every site alone gives exactly the no-policy output. Fails if
+    the policy path changes the computation (e.g. a different attention kernel)."""
+    cfg = UNetConfig.from_diffusers(ONE_LEVEL)
     params = init_params(cfg, jax.random.key(0))
     x, t, ctx = _inputs(cfg)
     args = (params, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx))
@@ -158,6 +160,23 @@ def test_identity_policy_is_bit_identical():
     assert aux0 == {} and aux1 == {}
     assert np.abs(np.asarray(out0)).max() > 0.1
     assert np.array_equal(np.asarray(out0), np.asarray(out1))
+
+
+def test_bfloat16_computation():
+    """dtype=bfloat16 computes in bfloat16 from float32 params (upcast attention on) and
+    stays close to float32. Fails on a dtype mismatch (e.g. skip concatenation, norms)
+    or a bfloat16 overflow."""
+    cfg = UNetConfig.from_diffusers(dict(ONE_LEVEL, upcast_attention=True))
+    params = init_params(cfg, jax.random.key(0))
+    x, t, ctx = _inputs(cfg)
+    outs = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = UNet2DConditionModel(cfg, dtype=dtype)
+        out, _ = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))(
+            params, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx))
+        assert out.dtype == dtype
+        outs.append(np.asarray(out.astype(jnp.float32)))
+    assert np.abs(outs[0] - outs[1]).max() <= 0.05 * np.abs(outs[0]).max()
 
 
 def test_aux_is_keyed_by_site_path():

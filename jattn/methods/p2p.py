@@ -150,7 +150,11 @@ def p2p_policy(
     self_res = tuple(sorted({s.resolution for s in sites if s.kind == "self"
                              and s.query_tokens <= max_tokens}))
     rules = [(Select(kind="cross"), cross)]
-    if self_res and s1 > s0:
+    # whether self replacement is on is decided by the fractions the user gave, never by
+    # the rounded step window: a window that rounds to no step (0.4 of 2 steps) stays a
+    # value of the same compiled program instead of changing its structure.
+    f0, f1 = p2p_text._window(self_replace_steps, "self_replace_steps")
+    if self_res and f1 > f0:
         rules.append((Select(kind="self", resolutions=self_res),
                       SelfReplace(window=jnp.asarray([s0, s1], jnp.int32))))
     policies = [resolve(rules, sites, layout=layout, record_post_edit=reference_quirks)]

@@ -22,7 +22,7 @@ Reference: diffusers ``models/unets/unet_2d_condition.py`` and ``unet_2d_blocks.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -331,8 +331,8 @@ class Attention(nn.Module):
         b, t, c = x.shape
         n, h = self.num_heads, self.head_dim
         src = x if context is None else context
-        dense = lambda name, bias=False: nn.Dense(n * h, use_bias=bias, dtype=self.dtype,  # noqa: E731
-                                                  name=name)
+        dense = lambda name: nn.Dense(n * h, use_bias=False, dtype=self.dtype,  # noqa: E731
+                                      name=name)
         q = dense("to_q")(x).reshape(b, t, n, h)  # (B, T, N, H)
         k = dense("to_k")(src).reshape(b, src.shape[1], n, h)  # (B, S, N, H)
         v = dense("to_v")(src).reshape(b, src.shape[1], n, h)  # (B, S, N, H)
@@ -461,6 +461,13 @@ class _AttnArgs:
     upcast: bool
 
 
+def _transformer(a: _AttnArgs, path: str, block: str, groups: int, dtype,
+                 name: str) -> Transformer2DModel:
+    return Transformer2DModel(a.num_heads, a.head_dim, a.num_layers, path, block, groups,
+                              a.use_linear_projection, a.only_cross_attention, a.upcast, dtype,
+                              name=name)
+
+
 class DownBlock(nn.Module):
     """``CrossAttnDownBlock2D`` (``attn`` set) or ``DownBlock2D`` (``attn=None``).
 
@@ -490,10 +497,8 @@ class DownBlock(nn.Module):
                               self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
             if self.attn is not None:
                 a = self.attn
-                x, au = Transformer2DModel(
-                    a.num_heads, a.head_dim, a.num_layers, f"{self.site_path}.attentions.{i}", "down",
-                    self.groups, a.use_linear_projection, a.only_cross_attention, a.upcast,
-                    self.dtype, name=f"attentions_{i}")(x, context, policy, step)
+                x, au = _transformer(a, f"{self.site_path}.attentions.{i}", "down", self.groups,
+                                     self.dtype, f"attentions_{i}")(x, context, policy, step)
                 _merge(aux, au)
             skips.append(x)
         if self.add_downsample:
@@ -528,10 +533,8 @@ class MidBlock(nn.Module):
         aux: dict = {}
         a = self.attn
         for i in range(self.num_layers):
-            x, au = Transformer2DModel(
-                a.num_heads, a.head_dim, a.num_layers, f"{self.site_path}.attentions.{i}", "mid",
-                self.groups, a.use_linear_projection, a.only_cross_attention, a.upcast,
-                self.dtype, name=f"attentions_{i}")(x, context, policy, step)
+            x, au = _transformer(a, f"{self.site_path}.attentions.{i}", "mid", self.groups,
+                                 self.dtype, f"attentions_{i}")(x, context, policy, step)
             _merge(aux, au)
             x = res(i + 1)(x, temb)
         return x, aux
@@ -569,10 +572,8 @@ class UpBlock(nn.Module):
                               self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
             if self.attn is not None:
                 a = self.attn
-                x, au = Transformer2DModel(
-                    a.num_heads, a.head_dim, a.num_layers, f"{self.site_path}.attentions.{i}", "up",
-                    self.groups, a.use_linear_projection, a.only_cross_attention, a.upcast,
-                    self.dtype, name=f"attentions_{i}")(x, context, policy, step)
+                x, au = _transformer(a, f"{self.site_path}.attentions.{i}", "up", self.groups,
+                                     self.dtype, f"attentions_{i}")(x, context, policy, step)
                 _merge(aux, au)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.out_channels, self.dtype,
@@ -773,7 +774,8 @@ def convert_unet_state_dict(state_dict: Mapping[str, np.ndarray], config: UNetCo
     """diffusers ``UNet2DConditionModel`` state dict (numpy, torch layout) -> Flax params.
 
     Args:
-      state_dict: ``{diffusers_key: array}``, e.g. from ``unet/diffusion_pytorch_model.safetensors``.
+      state_dict: ``{diffusers_key: array}``, e.g. read from
+        ``unet/diffusion_pytorch_model.safetensors``.
       config: the matching :class:`UNetConfig`.
       dtype: cast every array to this dtype (default float32).
     Returns:

@@ -105,31 +105,52 @@ class SelfReplace(Op):
         return ctx.layout.merge(x.at[-1].set(new))
 
 
+def _map_grid(t: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """Grid ``(h', w')`` of ``t`` query tokens of a map of latents ``(h, w)``: the UNet
+    downsamples both sides by the same factor, so ``h'/w' = h/w`` (rounded as its
+    stride-2 convolutions do: ceil)."""
+    h, w = latent_hw
+    f = 1
+    while True:
+        hh, ww = -(-h // f), -(-w // f)
+        if hh * ww == t:
+            return hh, ww
+        if hh * ww < t or (hh == 1 and ww == 1):
+            raise ValueError(f"local blend: {t} query tokens are not a downsampled grid of "
+                             f"the {h}x{w} latents; pass maps shaped (G, M, h', w', S)")
+        f *= 2
+
+
 def local_blend_mask(maps: Array, words: Array, latent_hw: tuple[int, int], threshold: float,
                      pool: bool = True) -> Array:
     """P2P LocalBlend mask from aggregated cross maps.
 
     Args:
-      maps: float ``(G, M, T, S)`` cross-attention (layer/head mean) at one resolution
-        ``(h', w')`` with ``T = h'·w'``.
+      maps: float ``(G, M, h', w', S)`` cross-attention (layer/head mean) at one
+        resolution, or ``(G, M, T, S)`` with ``T = h'·w'`` and the grid following the
+        latents' aspect ratio (a power-of-two downsampling of ``latent_hw``).
       words: float ``(M, S)`` 1 at the tokens of each member's blend words.
       latent_hw: ``(h, w)`` of the latents.
       threshold: mask threshold after dividing by the max (reference 0.3).
       pool: 3×3 max-pool before upsampling (the reference pools for the blend words, not
         for ``substruct_words``).
     Returns:
-      bool ``(G, M, h, w, 1)``.
+      bool ``(G, M, h, w, 1)`` (not OR-ed with the source; :class:`LocalBlend` does that).
+    Raises:
+      ValueError: flat maps whose T is no downsampled grid of ``latent_hw``.
     """
-    g, m, t, _ = maps.shape
-    side = int(round(t ** 0.5))
-    wmap = jnp.einsum("GMTS,MS->GMT", maps, words).reshape(g, m, side, side)
+    if maps.ndim == 4:
+        g, m, t, s = maps.shape
+        maps = maps.reshape((g, m) + _map_grid(t, latent_hw) + (s,))
+    g, m, mh, mw, _ = maps.shape
+    wmap = jnp.einsum("GMhwS,MS->GMhw", maps, words)
     if pool:
         wmap = jax.lax.reduce_window(wmap, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 1, 1),
                                      ((0, 0), (0, 0), (1, 1), (1, 1)))
     h, w = latent_hw
     # nearest upsampling as torch's F.interpolate(mode="nearest"): src = floor(dst * in / out)
-    iy = (jnp.arange(h) * side) // h
-    ix = (jnp.arange(w) * side) // w
+    iy = (jnp.arange(h) * mh) // h
+    ix = (jnp.arange(w) * mw) // w
     up = wmap[:, :, iy][:, :, :, ix]
     up = up / jnp.max(up, axis=(2, 3), keepdims=True)
     return (up > threshold)[..., None]
@@ -184,7 +205,7 @@ class LocalBlend(Op):
             raise ValueError(f"LocalBlend must run at cross-attention sites of one resolution; "
                              f"got {sorted(res)} / kinds {sorted({s.kind for s in sites})}")
         (h, w), = res
-        return jnp.zeros((layout.groups, layout.members, h * w, context_tokens), jnp.float32)
+        return jnp.zeros((layout.groups, layout.members, h, w, context_tokens), jnp.float32)
 
     def aux_update(self, acc, per_site, step, sites):
         total = sum(rec["maps"] for rec in per_site.values()) / len(sites)

@@ -1,0 +1,106 @@
+r"""jattn's bundled model: SD-architecture VAE + UNet + CLIP text encoder on the shapes world.
+
+Run (resumable; each stage skips when its output exists; run the same command again to
+continue after a stop):
+
+  nohup python scripts/train_bundled.py all --max-minutes 150 > runs/bundled/train.log 2>&1 &
+  tail -f runs/bundled/train.log                 # stage messages, progress bar
+  tail -n 3 runs/bundled/*/metrics.jsonl         # step, loss, lr, steps/s
+
+then, if it stopped before the end, the same command again; the export to
+``jattn/assets/bundled/`` runs at the end of ``all`` (or ``... export [--partial]``).
+
+Expected result (2-core CPU, shared; see the numbers measured in ``runs/bundled``):
+  stage A (vae)    ~0.9M params, 2500 steps x 16 crops of 64 px, ~25 min;
+                   reconstruction PSNR > 30 dB on 128 px world images (vae/final/eval.json)
+  stage B (cache)  50k samples -> latents (50000, 16, 16, 4), ~10 min
+  stage C (unet)   UNet ~1.6M + text encoder ~7M params (6.3M of them the token embedding),
+                   batch 32, loss (min-SNR weighted eps MSE) from ~0.5 to ~0.1
+  export           ~24 MB folder, loads with jattn.load() and diffusers'
+                   StableDiffusionPipeline.from_pretrained(..., safety_checker=None)
+
+``get_config("tiny")`` is the configuration of the tests (toy data, tiny models).
+"""
+
+from jattn.train.config import (CacheStageConfig, DiffusionStageConfig, TrainConfig,
+                                VAEStageConfig, freeze)
+
+VAE = dict(
+    block_out_channels=(16, 32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=128,
+)
+
+UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    num_heads=(2, 4, 4),  # head_dim 16 everywhere
+    norm_num_groups=8,
+    cross_attention_dim=128,
+)
+
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+
+
+def get_config(arg: str | None = None) -> TrainConfig:
+    """The recipe; ``arg``: None (the bundled model) or ``"tiny"`` (tests)."""
+    if arg in (None, "", "full"):
+        return TrainConfig(
+            seed=0,
+            source="world",
+            workdir="runs/bundled",
+            export_dir="jattn/assets/bundled",
+            checkpoint_every=250,
+            keep_checkpoints=3,
+            log_every=25,
+            vae=VAEStageConfig(model=freeze(VAE), crop=64, batch_size=16,
+                               steps=2500, lr=1e-3, warmup_steps=100, l1_weight=1.0,
+                               mse_weight=0.1, kl_weight=1e-6, ema_decay=0.999,
+                               scale_images=2048, eval_images=256),
+            cache=CacheStageConfig(num_samples=50_000, chunk=1000, split="train"),
+            diffusion=DiffusionStageConfig(
+                unet=freeze(UNET), text_encoder=freeze(TEXT), batch_size=32, steps=6000,
+                lr=5e-4, warmup_steps=200, end_lr_fraction=0.1, weight_decay=0.01,
+                grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0),
+        )
+    if arg == "tiny":
+        return TrainConfig(
+            seed=0, source="toy", image_size=32, workdir="runs/tiny",
+            export_dir="runs/tiny/export", checkpoint_every=3, keep_checkpoints=2,
+            log_every=1,
+            vae=VAEStageConfig(
+                model=freeze(dict(block_out_channels=(8, 8), down_block_types=(
+                    "DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                    layers_per_block=1, norm_num_groups=4, sample_size=32)),
+                crop=16, batch_size=4, steps=4, lr=3e-3, warmup_steps=1,
+                scale_images=8, eval_images=4),
+            cache=CacheStageConfig(num_samples=12, chunk=8),
+            diffusion=DiffusionStageConfig(
+                # one level (no down/upsampling) + the cross-attention mid block: the
+                # smallest SD-style UNet, so the tests' one compile stays short
+                unet=freeze(dict(sample_size=16, block_out_channels=(8,),
+                                 down_block_types=("CrossAttnDownBlock2D",),
+                                 up_block_types=("CrossAttnUpBlock2D",),
+                                 layers_per_block=1, num_heads=2, norm_num_groups=4,
+                                 cross_attention_dim=16)),
+                text_encoder=freeze(dict(hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2)),
+                batch_size=4, steps=6, lr=3e-3, warmup_steps=1, ema_decay=0.9,
+                caption_dropout=0.25),
+        )
+    raise ValueError(f"get_config: unknown arg {arg!r} (None or 'tiny')")

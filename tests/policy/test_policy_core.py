@@ -11,7 +11,7 @@ from flax import struct
 
 import jattn.policy.core as core
 from jattn.models.attention import AttentionSite, attend, default_attention
-from jattn.policy.core import Layout, Op, Policy, PolicyError, Select, compose, in_window, resolve
+from jattn.policy.core import Layout, Op, PolicyError, Select, compose, in_window, resolve
 
 HEADS, HEAD_DIM = 2, 4
 

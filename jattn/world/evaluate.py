@@ -381,9 +381,10 @@ def summarize(records: Sequence[dict], *, setting: str = "highest@0.5") -> dict:
       ``{"single": {...}, "two": {...}, "attention": {...}, "attention_two": {...},
       "targets": {...}}``: every fraction is over images (None without any image);
       single: color_acc, shape_acc, color_shape_acc, position_acc (images stating a
-      position), exact_acc, found_acc, n_images, by_pair (color_shape_acc per held-out
+      position), exact_acc, found_acc, count_acc (exactly one object detected; None
+      when records carry no "count_ok"), n_images, by_pair (color_shape_acc per held-out
       pair); two: both_correct (both objects found, every stated attribute right),
-      exact_acc (and no extra detection), color_acc/shape_acc/position_acc (per object),
+      exact_acc (and no extra detection), count_acc, color_acc/shape_acc/position_acc (per object),
       n_images; attention (single-object images): for ``setting``
       iou_color, iou_shape, iou_mean (mean of the two), n (images with the object
       detected), and ``settings``: the same for every setting recorded; attention_two: the
@@ -406,6 +407,7 @@ def summarize(records: Sequence[dict], *, setting: str = "highest@0.5") -> dict:
         "color_shape_acc": frac(single, lambda r: r["objects"][0]["color_shape_ok"]),
         "position_acc": frac(single, lambda r: r["objects"][0]["position_ok"]),
         "exact_acc": frac(single, lambda r: r["exact"]),
+        "count_acc": frac(single, lambda r: r.get("count_ok")),
         "by_pair": {},
     }
     for r in single:
@@ -416,6 +418,7 @@ def summarize(records: Sequence[dict], *, setting: str = "highest@0.5") -> dict:
         "n_images": len(two),
         "both_correct": frac(two, lambda r: all(o["all_ok"] for o in r["objects"])),
         "exact_acc": frac(two, lambda r: r["exact"]),
+        "count_acc": frac(two, lambda r: r.get("count_ok")),
         "color_acc": _mean(o["color_ok"] for r in two for o in r["objects"]),
         "shape_acc": _mean(o["shape_ok"] for r in two for o in r["objects"]),
         "position_acc": _mean(o["position_ok"] for r in two for o in r["objects"]),
@@ -466,9 +469,11 @@ def format_table(summary: dict) -> str:
         row("single", "shape_acc", "shape correct"),
         row("single", "position_acc", "position correct (stated)"),
         row("single", "exact_acc", "exact (one object, all stated right)"),
+        row("single", "count_acc", "one object detected (no extra)"),
         f"two-object prompts ({t['n_images']} images)",
         row("two", "both_correct", "both objects, all stated attributes"),
         row("two", "exact_acc", "exact (no extra object)"),
+        row("two", "count_acc", "two objects detected"),
         row("two", "color_acc", "per object: colour"),
         row("two", "shape_acc", "per object: shape"),
         row("two", "position_acc", "per object: position"),

@@ -58,7 +58,8 @@ TWO = [p.spec for p in ev.two_object_prompts(8)]
 
 def _record(spec, image, category):
     sc = ev.score_generated(image, spec)
-    return {"category": category, "objects": sc["objects"], "exact": sc["exact"]}
+    return {"category": category, "objects": sc["objects"], "exact": sc["exact"],
+            "count_ok": sc["count_ok"]}
 
 
 def test_rendered_images_score_perfect():
@@ -68,9 +69,10 @@ def test_rendered_images_score_perfect():
     recs += [_record(s, render(s, seed=10 + k).image, "two") for k, s in enumerate(TWO)]
     summ = ev.summarize(recs)
     for fig in ("found_acc", "color_acc", "shape_acc", "color_shape_acc", "position_acc",
-                "exact_acc"):
+                "exact_acc", "count_acc"):
         assert summ["single"][fig] == 1.0, fig
-    for fig in ("both_correct", "exact_acc", "color_acc", "shape_acc", "position_acc"):
+    for fig in ("both_correct", "exact_acc", "count_acc", "color_acc", "shape_acc",
+                "position_acc"):
         assert summ["two"][fig] == 1.0, fig
     assert summ["single"]["n_images"] == len(SINGLE) and summ["two"]["n_images"] == len(TWO)
     assert set(summ["single"]["by_pair"].values()) == {1.0}

@@ -2,6 +2,7 @@
 """Train jattn's bundled model (see configs/bundled_model.py for the recipe and results).
 
   python scripts/train_bundled.py all --max-minutes 150     # A, B, C, then export
+                                      # (stopped during C: exports the EMA so far, "partial")
   python scripts/train_bundled.py vae|cache|unet            # one stage
   python scripts/train_bundled.py export [--partial] [--out DIR] [--force]
   python scripts/train_bundled.py status                    # where each stage stands
@@ -95,6 +96,12 @@ def main(argv=None) -> int:
                 print(f"[train_bundled] stopped during stage {stage} after "
                       f"{(time.time() - t0) / 60:.1f} min; run the same command again to resume",
                       file=sys.stderr, flush=True)
+                if stage == "unet" and args.command == "all":
+                    # a usable model now (EMA of the newest checkpoint); the finished run
+                    # overwrites it
+                    stages.export(cfg, args.out, allow_unfinished=True)
+                    print("[train_bundled] exported the unfinished model (partial)",
+                          file=sys.stderr, flush=True)
                 return 3
     print(f"[train_bundled] {args.command}: done in {(time.time() - t0) / 60:.1f} min",
           file=sys.stderr, flush=True)

@@ -233,7 +233,7 @@ def build_cache(cfg: TrainConfig, stop: StopFlag | None = None, progress: bool =
             count = min(st.chunk, st.num_samples - start)
             images, captions = data_lib.render(cfg.source, cfg.seed, start, count,
                                                image_size=cfg.image_size, split=st.split)
-            mean = _batched(encode, vparams, data_lib.to_model_range(images), 100)[0]
+            mean = _batched(encode, vparams, data_lib.to_model_range(images), 50)[0]
             latents = ((mean - (vcfg.shift_factor or 0.0)) * vcfg.scaling_factor).astype(np.float32)
             ids = tokenize(tok, captions)
             tmp = chunks / f"{c:05d}.tmp.npz"

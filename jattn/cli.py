@@ -140,6 +140,32 @@ def cmd_invert(args) -> int:
     return 0
 
 
+def cmd_maps(args) -> int:
+    from PIL import Image
+
+    from jattn.methods.maps import default_self_resolution, generate_with_maps, maps_pictures
+
+    pipe = _load(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = args.self_resolution or default_self_resolution(pipe)
+    out, maps = generate_with_maps(pipe, args.prompt, seed=args.seed,
+                                   num_inference_steps=args.steps,
+                                   guidance_scale=args.guidance_scale, self_resolution=res)
+    for i, prompt in enumerate(args.prompt):
+        pics = maps_pictures(out.images[i], maps, pipe.tokenizer, prompt, row=i)
+        d = out_dir if len(args.prompt) == 1 else out_dir / f"{i:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(out.images[i]).save(d / "image.png")
+        for j, (tok, img) in enumerate(pics["tokens"]):
+            Image.fromarray(img).save(d / f"token_{j + 1:02d}_{tok}.png")
+        if pics["self_pca"] is not None:
+            Image.fromarray(pics["self_pca"]).save(d / "self_attention_pca.png")
+        pics["grid"].save(d / "maps.png")
+        print(f"{d / 'maps.png'}\t{prompt}")
+    return 0
+
+
 def cmd_sites(args) -> int:
     pipe = _load(args)
     sites = pipe.sites(args.height, args.width)
@@ -202,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--guidance-scale", type=float, default=7.5)
     iv.add_argument("--out-dir", required=True)
     iv.set_defaults(func=cmd_invert)
+
+    mp = sub.add_parser("maps", help="per-token cross-attention overlays, self-attention PCA")
+    _add_model_args(mp)
+    mp.add_argument("--prompt", action="append", required=True)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--steps", type=int, default=50)
+    mp.add_argument("--guidance-scale", type=float, default=7.5)
+    mp.add_argument("--self-resolution", type=int, default=None,
+                    help="self-attention grid side to capture (default: largest <= 32)")
+    mp.add_argument("--out-dir", required=True)
+    mp.set_defaults(func=cmd_maps)
 
     s = sub.add_parser("sites", help="list the attention sites of the UNet")
     _add_model_args(s)

@@ -498,12 +498,9 @@ def format_table(summary: dict) -> str:
 def capture_policy(pipe, batch_size: int, *, cfg: bool = True, size: int = IMAGE_SIZE):
     """A policy capturing every cross-attention site (head/layer/step means) for a batch of
     ``batch_size`` independent prompts (``Layout(groups=batch_size, members=1)``)."""
-    from jattn.policy.capture import Capture
-    from jattn.policy.core import Layout, Select, resolve
+    from jattn.methods.maps import capture_policy as _capture_policy
 
-    return resolve([(Select(kind="cross"), Capture())], pipe.sites(size, size),
-                   layout=Layout(groups=batch_size, members=1, cfg=cfg),
-                   context_tokens=pipe.text_config.max_position_embeddings)
+    return _capture_policy(pipe, batch_size, cfg=cfg, height=size, width=size)
 
 
 def generate_with_capture(pipe, prompts: Sequence[str], seeds: Sequence[int], *,

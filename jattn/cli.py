@@ -166,6 +166,16 @@ def cmd_maps(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from jattn.demo import run_demo
+
+    pipe = _load(args)
+    index = run_demo(pipe, args.out_dir, steps=args.steps, guidance_scale=args.guidance_scale,
+                     seed=args.seed)
+    print(index)
+    return 0
+
+
 def cmd_sites(args) -> int:
     pipe = _load(args)
     sites = pipe.sites(args.height, args.width)
@@ -239,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="self-attention grid side to capture (default: largest <= 32)")
     mp.add_argument("--out-dir", required=True)
     mp.set_defaults(func=cmd_maps)
+
+    d = sub.add_parser("demo", help="generations, attention maps and P2P edits + index.html")
+    _add_model_args(d)
+    d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--guidance-scale", type=float, default=7.5)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out-dir", required=True)
+    d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sites", help="list the attention sites of the UNet")
     _add_model_args(s)

@@ -70,7 +70,7 @@ def p2p_policy(
     mode: str = "replace",
     cross_replace_steps: float | tuple[float, float] | Mapping = 0.8,
     self_replace_steps: float | tuple[float, float] = 0.4,
-    equalize: Mapping[str, float] | None = None,
+    equalize: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
     blend_words: Sequence[str] | None = None,
     subtract_words: Sequence[str] | None = None,
     start_blend: float = 0.0,
@@ -96,7 +96,8 @@ def p2p_policy(
       cross_replace_steps: float b → steps ``[0, int(b·(T+1)))``; ``(start, end)``; or a
         mapping with per-word windows and ``"default_"`` (reference semantics).
       self_replace_steps: float s or ``(s0, s1)`` → steps ``[int(T·s0), int(T·s1))``.
-      equalize: ``{word: weight}`` column weights for the targets' words (reweighting;
+      equalize: ``{word: weight}`` column weights for the targets' words, or one such
+        mapping per target (reweighting;
         chains after replace/refine).
       blend_words: words whose attention defines the local-blend mask (each member uses
         those it contains); ``subtract_words``: words removed from the mask.
@@ -130,9 +131,13 @@ def p2p_policy(
                                            reference_quirks=reference_quirks)
     eq = None
     if equalize:
-        eq = np.stack([p2p_text.equalizer(tok, t, list(equalize), list(equalize.values()),
+        eqs = [equalize] * len(targets) if isinstance(equalize, Mapping) else list(equalize)
+        if len(eqs) != len(targets):
+            raise ValueError(f"equalize: {len(eqs)} mappings for {len(targets)} targets; give "
+                             "one mapping for all or one per target")
+        eq = np.stack([p2p_text.equalizer(tok, t, list(e), list(e.values()),
                                           reference_quirks=reference_quirks)
-                       for t in targets])
+                       for t, e in zip(targets, eqs)])
     kwargs = dict(alphas=jnp.asarray(alphas),
                   equalizer=None if eq is None else jnp.asarray(eq), mode=mode)
     if mode == "replace":

@@ -11,8 +11,9 @@ then, if it stopped before the end, the same command again; the export to
 ``jattn/assets/bundled/`` runs at the end of ``all`` (or ``... export [--partial]``).
 
 Expected result (2-core CPU shared with other jobs; s/step measured at load ~2-5):
-  stage A (vae)    0.98M params, 1800 steps x 16 crops of 64 px at ~0.8-1.1 s/step,
-                   ~30 min; reconstruction PSNR > 30 dB on 128 px world images
+  stage A (vae)    0.98M params, 2400 steps x 16 crops of 64 px (3 in 4 centred on an
+                   object) at ~0.8-1.1 s/step,
+                   ~40 min; reconstruction PSNR > 30 dB on 128 px world images
                    (runs/bundled/vae/final/eval.json)
   stage B (cache)  32k samples -> latents (32000, 16, 16, 4) at ~25 ms/image, ~14 min
   stage C (unet)   UNet 1.5M + text encoder 5.2M params (4.7M of them the token
@@ -77,7 +78,7 @@ def get_config(arg: str | None = None) -> TrainConfig:
             keep_checkpoints=3,
             log_every=25,
             vae=VAEStageConfig(model=freeze(VAE), crop=64, batch_size=16,
-                               steps=1800, lr=1e-3, warmup_steps=100, l1_weight=1.0,
+                               steps=2400, lr=1e-3, warmup_steps=100, l1_weight=1.0,
                                mse_weight=0.1, kl_weight=1e-6, ema_decay=0.999,
                                scale_images=2048, eval_images=256),
             cache=CacheStageConfig(num_samples=32_000, chunk=1000, split="train"),

@@ -33,6 +33,8 @@ class VAEStageConfig:
     Attributes:
       model: ``VAEConfig`` keyword arguments as a frozen tuple (see :func:`freeze`).
       crop: side in pixels of the random square crops trained on (fully convolutional).
+      object_crop_prob: probability that a crop is centred on an object (objects cover a
+        few percent of an image; uniform crops mostly show background).
       batch_size: crops per step.
       steps: optimizer steps.
       lr, warmup_steps, end_lr_fraction: AdamW peak learning rate, linear warmup, cosine
@@ -48,6 +50,7 @@ class VAEStageConfig:
 
     model: tuple = ()
     crop: int = 64
+    object_crop_prob: float = 0.75
     batch_size: int = 16
     steps: int = 3000
     lr: float = 1e-3

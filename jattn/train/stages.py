@@ -129,8 +129,9 @@ def train_vae(cfg: TrainConfig, stop: StopFlag | None = None, progress: bool = T
          f"{st.crop}px crops")
     state, finished = run_steps(
         name="vae", state=state, step_fn=step_fn,
-        batch_fn=lambda s: (data_lib.vae_crop_batch(cfg.source, cfg.seed, s, st.batch_size,
-                                                    st.crop, image_size=cfg.image_size),),
+        batch_fn=lambda s: (data_lib.vae_crop_batch(
+            cfg.source, cfg.seed, s, st.batch_size, st.crop, image_size=cfg.image_size,
+            object_prob=st.object_crop_prob),),
         total_steps=st.steps, checkpoints=ckpts, metrics_path=d / "metrics.jsonl",
         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, stop=stop,
         progress=progress)

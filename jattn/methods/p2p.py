@@ -44,27 +44,30 @@ def _blend_resolution(sites, latent_hw, blend_resolution):
     return above[0] if above else cross[-1]
 
 
-def _word_rows(tokenizer, prompts, words, arg_name, max_len=77) -> np.ndarray:
-    """``(M, S)``: 1 at the tokens of each listed word that occurs in each prompt."""
-    rows = np.zeros((len(prompts), max_len), np.float32)
+def _word_rows(tokenizer, groups, words, arg_name, max_len=77) -> np.ndarray:
+    """``(G, M, S)``: 1 at the tokens of each listed word that occurs in each prompt of each
+    group (``groups``: G lists of M prompts). Every word must occur somewhere."""
+    rows = np.zeros((len(groups), len(groups[0]), max_len), np.float32)
     found = set()
-    for m, prompt in enumerate(prompts):
-        present = prompt.split()
-        for w in words:
-            if w in present:
-                rows[m, p2p_text.word_token_indices(tokenizer, prompt, w)] = 1.0
-                found.add(w)
+    for g, prompts in enumerate(groups):
+        for m, prompt in enumerate(prompts):
+            present = prompt.split()
+            for w in words:
+                if w in present:
+                    rows[g, m, p2p_text.word_token_indices(tokenizer, prompt, w)] = 1.0
+                    found.add(w)
     missing = [w for w in words if w not in found]
     if missing:
-        raise ValueError(f"{arg_name}: {missing} occur in none of the prompts {list(prompts)}; "
-                         "use words spelled as in the prompts.")
+        raise ValueError(f"{arg_name}: {missing} occur in none of the prompts "
+                         f"{[p for ps in groups for p in ps]}; use words spelled as in the "
+                         "prompts.")
     return rows
 
 
 def p2p_policy(
     pipe,
-    source: str,
-    targets: Sequence[str],
+    source: str | Sequence[str],
+    targets: Sequence[str] | Sequence[Sequence[str]],
     *,
     num_steps: int,
     mode: str = "replace",
@@ -83,12 +86,14 @@ def p2p_policy(
     width: int | None = None,
     reference_quirks: bool = False,
 ) -> Policy:
-    """Build the Prompt-to-Prompt policy for one group ``[source, *targets]``.
+    """Build the Prompt-to-Prompt policy for one group ``[source, *targets]`` — or for G
+    independent edits at once (``source`` a list of G prompts, ``targets`` a list of G lists
+    of equal length): one compiled program edits the whole batch.
 
     Args:
       pipe: a :class:`jattn.pipeline.Pipeline` (for sites and tokenizer).
-      source: the source prompt (member 0).
-      targets: edited prompts (members 1…M-1).
+      source: the source prompt (member 0), or one per group.
+      targets: edited prompts (members 1…M-1), or one list per group.
       num_steps: denoising steps (step windows are in step indices).
       mode: "replace" (word swap; equal word counts), "refine" (token alignment) or
         "reweight" (the source's maps with column weights; targets are usually the source
@@ -109,44 +114,45 @@ def p2p_policy(
       reference_quirks: reproduce the reference's quirks (post-edit stored maps; word
         alignment quirks of ``get_word_inds`` and the word-swap tail mapping).
     Returns:
-      a :class:`Policy` with layout ``Layout(groups=1, members=1+len(targets), cfg=True)``.
+      a :class:`Policy` with layout ``Layout(groups=G, members=1+len(targets), cfg=True)``;
+      its arrays carry a leading G axis when G > 1.
     Raises:
       ValueError: unknown mode, word swap with different word counts, unknown equalizer or
         blend word, window outside [0, 1], prompts over 77 tokens.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    if not targets:
-        raise ValueError("targets: give at least one target prompt")
+    sources, target_lists = _groups(source, targets)
+    g, m = len(sources), 1 + len(target_lists[0])
     tok = pipe.tokenizer
-    prompts = [source] + targets
-    m = len(prompts)
     sites = pipe.sites(height, width)
     lat_h = (height or pipe.default_size) // pipe.vae_scale_factor
     lat_w = (width or pipe.default_size) // pipe.vae_scale_factor
-    layout = Layout(groups=1, members=m, cfg=True)
+    layout = Layout(groups=g, members=m, cfg=True)
 
-    alphas = p2p_text.cross_replace_alphas(prompts, num_steps, cross_replace_steps, tok,
-                                           reference_quirks=reference_quirks)
+    def stack(arrays):  # one group: shared shape; several: a leading G axis
+        return jnp.asarray(arrays[0] if g == 1 else np.stack(arrays))
+
+    alphas = stack([p2p_text.cross_replace_alphas([s] + t, num_steps, cross_replace_steps, tok,
+                                                  reference_quirks=reference_quirks)
+                    for s, t in zip(sources, target_lists)])
     eq = None
     if equalize:
-        eqs = [equalize] * len(targets) if isinstance(equalize, Mapping) else list(equalize)
-        if len(eqs) != len(targets):
-            raise ValueError(f"equalize: {len(eqs)} mappings for {len(targets)} targets; give "
+        eqs = [equalize] * (m - 1) if isinstance(equalize, Mapping) else list(equalize)
+        if len(eqs) != m - 1:
+            raise ValueError(f"equalize: {len(eqs)} mappings for {m - 1} targets; give "
                              "one mapping for all or one per target")
-        eq = np.stack([p2p_text.equalizer(tok, t, list(e), list(e.values()),
-                                          reference_quirks=reference_quirks)
-                       for t, e in zip(targets, eqs)])
-    kwargs = dict(alphas=jnp.asarray(alphas),
-                  equalizer=None if eq is None else jnp.asarray(eq), mode=mode)
+        eq = stack([np.stack([p2p_text.equalizer(tok, t, list(e), list(e.values()),
+                                                 reference_quirks=reference_quirks)
+                              for t, e in zip(tl, eqs)]) for tl in target_lists])
+    kwargs = dict(alphas=alphas, equalizer=eq, mode=mode)
     if mode == "replace":
-        kwargs["mapper"] = jnp.asarray(p2p_text.replacement_mappers(
-            tok, source, targets, reference_quirks=reference_quirks))
+        kwargs["mapper"] = stack([p2p_text.replacement_mappers(
+            tok, s, t, reference_quirks=reference_quirks) for s, t in zip(sources, target_lists)])
     elif mode == "refine":
-        mapper, ralphas = p2p_text.refinement_mappers(tok, source, targets)
-        kwargs["mapper"] = jnp.asarray(mapper, jnp.int32)
-        kwargs["refine_alphas"] = jnp.asarray(ralphas)
+        pairs = [p2p_text.refinement_mappers(tok, s, t) for s, t in zip(sources, target_lists)]
+        kwargs["mapper"] = stack([np.asarray(mp, np.int32) for mp, _ in pairs])
+        kwargs["refine_alphas"] = stack([ra for _, ra in pairs])
     elif eq is None:
         raise ValueError("mode='reweight' needs equalize={word: weight}")
     cross = CrossEdit(**kwargs)
@@ -165,10 +171,11 @@ def p2p_policy(
     policies = [resolve(rules, sites, layout=layout, record_post_edit=reference_quirks)]
     if blend_words:
         res = _blend_resolution(sites, (lat_h, lat_w), blend_resolution)
-        words = _word_rows(tok, prompts, blend_words, "blend_words")
-        sub = (jnp.asarray(_word_rows(tok, prompts, subtract_words, "subtract_words"))
+        all_prompts = [[s] + t for s, t in zip(sources, target_lists)]
+        words = stack(list(_word_rows(tok, all_prompts, blend_words, "blend_words")))
+        sub = (stack(list(_word_rows(tok, all_prompts, subtract_words, "subtract_words")))
                if subtract_words else None)
-        blend = LocalBlend(words=jnp.asarray(words),
+        blend = LocalBlend(words=words,
                            threshold=jnp.asarray([blend_threshold, blend_threshold], jnp.float32),
                            start_step=jnp.asarray(int(start_blend * num_steps), jnp.int32),
                            subtract=sub)
@@ -182,23 +189,44 @@ def p2p_policy(
     return compose(*policies)
 
 
-def edit(pipe, source: str, targets: Sequence[str], *, num_inference_steps: int = 50,
+def _groups(source, targets) -> tuple[list[str], list[list[str]]]:
+    """Normalise ``(source, targets)`` to G sources and G equal-length target lists."""
+    if isinstance(source, str):
+        tl = [targets] if isinstance(targets, str) else list(targets)
+        sources, target_lists = [source], [tl]
+    else:
+        sources = list(source)
+        target_lists = [[t] if isinstance(t, str) else list(t) for t in targets]
+        if len(target_lists) != len(sources):
+            raise ValueError(f"targets: {len(target_lists)} lists for {len(sources)} sources; "
+                             "give one list of targets per source prompt")
+    if not sources or not target_lists[0]:
+        raise ValueError("targets: give at least one target prompt")
+    if len({len(t) for t in target_lists}) != 1:
+        raise ValueError("targets: every group needs the same number of targets (the batch is "
+                         "groups × members)")
+    return sources, target_lists
+
+
+def edit(pipe, source, targets, *, num_inference_steps: int = 50,
          guidance_scale: float = 7.5, seed: int = 0, latents: np.ndarray | None = None,
          uncond_per_step=None, height: int | None = None, width: int | None = None,
          **policy_kwargs):
-    """Run a Prompt-to-Prompt edit: the source and every target from the same latents.
+    """Run Prompt-to-Prompt edits: in each group the source and every target start from
+    the same latents. ``source``/``targets`` as in :func:`p2p_policy` (G groups at once).
 
     Args:
-      latents: float32 ``(1, C, h, w)`` (or ``(C, h, w)``) initial latents, unscaled as
-        diffusers' ``latents=``; default: Gaussian noise from ``seed``.
-      uncond_per_step: ``(steps, 1, 77, D)`` null-text embeddings (real-image editing).
+      latents: float32 ``(G, C, h, w)`` initial latents, one per group, unscaled as
+        diffusers' ``latents=``; default: Gaussian noise from ``seed + g`` for group g.
+      uncond_per_step: ``(steps, G or 1, 77, D)`` null-text embeddings (real-image editing).
       policy_kwargs: see :func:`p2p_policy`.
     Returns:
-      :class:`jattn.pipeline.GenerateOutput` with images ``[source, *targets]``.
+      :class:`jattn.pipeline.GenerateOutput` with images ``[source_0, *targets_0, source_1,
+      …]`` (group-major).
     """
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    prompts = [source] + targets
-    m = len(prompts)
+    sources, target_lists = _groups(source, targets)
+    g, m = len(sources), 1 + len(target_lists[0])
+    prompts = [p for s, t in zip(sources, target_lists) for p in [s] + t]
     policy = p2p_policy(pipe, source, targets, num_steps=num_inference_steps, height=height,
                         width=width, **policy_kwargs)
     f = pipe.vae_scale_factor
@@ -206,12 +234,16 @@ def edit(pipe, source: str, targets: Sequence[str], *, num_inference_steps: int 
     w = (width or pipe.default_size) // f
     c = pipe.unet_config.in_channels
     if latents is None:
-        latents = np.random.default_rng(seed).standard_normal((1, c, h, w)).astype(np.float32)
-    latents = np.asarray(latents, np.float32).reshape(1, c, h, w)
-    latents = np.repeat(latents, m, axis=0)
+        latents = np.stack([np.random.default_rng(seed + i).standard_normal((c, h, w))
+                            for i in range(g)]).astype(np.float32)
+    latents = np.asarray(latents, np.float32).reshape(g, c, h, w)
+    latents = np.repeat(latents, m, axis=0)          # every member of a group: same latents
     if uncond_per_step is not None:
-        u = jnp.asarray(uncond_per_step)
-        uncond_per_step = jnp.broadcast_to(u, (u.shape[0], m) + u.shape[2:])
+        u = jnp.asarray(uncond_per_step)             # (steps, G, S, D) or (steps, 1, S, D)
+        if u.shape[1] not in (1, g):
+            raise ValueError(f"uncond_per_step: {u.shape[1]} rows, expected 1 or {g} groups")
+        u = jnp.broadcast_to(u[:, :, None], (u.shape[0], g, m) + u.shape[2:])
+        uncond_per_step = u.reshape((u.shape[0], g * m) + u.shape[3:])
     return pipe.generate(prompts, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, seed=seed, latents=latents,
                          policy=policy, uncond_per_step=uncond_per_step, height=height,

@@ -30,9 +30,23 @@ def _cond_split(ctx: SiteContext, p: Array):
     return ctx.layout.split(p)
 
 
+def _per_group(arr: Array, shared_ndim: int, groups: int) -> Array:
+    """Arrays are either shared by every group (``shared_ndim`` dims) or per group (a
+    leading G axis): return them with the G axis."""
+    if arr.ndim == shared_ndim:
+        return jnp.broadcast_to(arr[None], (groups,) + arr.shape)
+    if arr.ndim == shared_ndim + 1 and arr.shape[0] == groups:
+        return arr
+    raise ValueError(f"array of shape {arr.shape}: expected {shared_ndim} dims (shared by the "
+                     f"groups) or a leading axis of {groups} groups")
+
+
 @struct.dataclass
 class CrossEdit(Op):
     """P2P cross-attention edit of the targets (members 1…M-1) from the source (member 0).
+
+    Every array may carry a leading G axis (one edit per group, e.g. ``(G, steps+1, M-1, S)``)
+    or be shared by all groups.
 
     Attributes:
       alphas: float32 ``(steps + 1, M-1, S)``: per step and token, how much of the edited
@@ -61,22 +75,28 @@ class CrossEdit(Op):
         x = _cond_split(ctx, p)
         cond = x[-1]                      # (G, M, N, T, S)
         base, tgt = cond[:, 0], cond[:, 1:]
+        g = base.shape[0]
         if self.mode == "replace":
-            new = jnp.einsum("GNTs,MsS->GMNTS", base, self.mapper.astype(base.dtype))
+            mapper = _per_group(self.mapper, 3, g).astype(base.dtype)    # (G, M-1, S, S)
+            new = jnp.einsum("GNTs,GMsS->GMNTS", base, mapper)
         elif self.mode == "refine":
+            mapper = _per_group(self.mapper, 2, g)                       # (G, M-1, S)
             # the mapper holds -1 for new tokens (alpha 0): wrap like torch indexing
-            gathered = jnp.take(base, self.mapper, axis=-1, mode="wrap")  # (G, N, T, M-1, S)
-            gathered = jnp.moveaxis(gathered, -2, 1)                  # (G, M-1, N, T, S)
-            ra = self.refine_alphas[None, :, None, None, :].astype(base.dtype)
+            gathered = jax.vmap(lambda b, mp: jnp.take(b, mp, axis=-1, mode="wrap"))(
+                base, mapper)                                            # (G, N, T, M-1, S)
+            gathered = jnp.moveaxis(gathered, -2, 1)                     # (G, M-1, N, T, S)
+            ra = _per_group(self.refine_alphas, 2, g)[:, :, None, None, :].astype(base.dtype)
             new = gathered * ra + tgt * (1 - ra)
         elif self.mode == "reweight":
             new = jnp.broadcast_to(base[:, None], tgt.shape)
         else:
             raise ValueError(f"CrossEdit.mode={self.mode!r}")
         if self.equalizer is not None:
-            new = new * self.equalizer[None, :, None, None, :].astype(new.dtype)
+            eq = _per_group(self.equalizer, 2, g)
+            new = new * eq[:, :, None, None, :].astype(new.dtype)
         step = 0 if ctx.step is None else ctx.step
-        a = self.alphas[step][None, :, None, None, :].astype(new.dtype)  # (1, M-1, 1, 1, S)
+        alphas = _per_group(self.alphas, 3, g)                           # (G, steps+1, M-1, S)
+        a = alphas[:, step][:, :, None, None, :].astype(new.dtype)       # (G, M-1, 1, 1, S)
         new = new * a + (1 - a) * tgt
         cond = jnp.concatenate([base[:, None], new.astype(cond.dtype)], axis=1)
         x = x.at[-1].set(cond)
@@ -129,7 +149,8 @@ def local_blend_mask(maps: Array, words: Array, latent_hw: tuple[int, int], thre
       maps: float ``(G, M, h', w', S)`` cross-attention (layer/head mean) at one
         resolution, or ``(G, M, T, S)`` with ``T = h'·w'`` and the grid following the
         latents' aspect ratio (a power-of-two downsampling of ``latent_hw``).
-      words: float ``(M, S)`` 1 at the tokens of each member's blend words.
+      words: float ``(M, S)`` (or ``(G, M, S)``) 1 at the tokens of each member's blend
+        words.
       latent_hw: ``(h, w)`` of the latents.
       threshold: mask threshold after dividing by the max (reference 0.3).
       pool: 3×3 max-pool before upsampling (the reference pools for the blend words, not
@@ -143,7 +164,8 @@ def local_blend_mask(maps: Array, words: Array, latent_hw: tuple[int, int], thre
         g, m, t, s = maps.shape
         maps = maps.reshape((g, m) + _map_grid(t, latent_hw) + (s,))
     g, m, mh, mw, _ = maps.shape
-    wmap = jnp.einsum("GMhwS,MS->GMhw", maps, words)
+    words = _per_group(words, 2, maps.shape[0])
+    wmap = jnp.einsum("GMhwS,GMS->GMhw", maps, words)
     if pool:
         wmap = jax.lax.reduce_window(wmap, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 1, 1),
                                      ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -179,7 +201,8 @@ class LocalBlend(Op):
     AND NOT subtract_mask`` (``null_text_w_ptp.ipynb`` semantics).
 
     Attributes:
-      words: float32 ``(M, S)``: 1 at each member's blend-word tokens.
+      words: float32 ``(M, S)`` or per group ``(G, M, S)``: 1 at each member's blend-word
+        tokens (``subtract`` likewise).
       subtract: float32 ``(M, S)`` substruct-word tokens, or None.
       threshold: float32 ``(2,)``: (blend, substract) thresholds (reference 0.3, 0.3).
       start_step: int32 scalar: first step index that blends (reference

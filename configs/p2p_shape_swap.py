@@ -1,0 +1,19 @@
+"""Prompt-to-Prompt word swap of a shape on the bundled model.
+
+Command:
+  jattn edit p2p --prompt "a yellow square in the center" --target "a yellow star in the center" \
+      --target "a yellow heart in the center" --cross-steps 0.8 --self-steps 0.4 \
+      --out-dir out/p2p_shape_swap
+Expected: same colour and position, the target shape (world detector); the shape swap
+changes the silhouette, so the mask IoU is lower than for a colour swap.
+"""
+
+
+def get_config():
+    return dict(
+        method="p2p", mode="replace",
+        prompt="a yellow square in the center",
+        targets=["a yellow star in the center", "a yellow heart in the center"],
+        cross_replace_steps=0.8, self_replace_steps=0.4, steps=50, guidance_scale=7.5, seed=1,
+        expected="target shape detected, colour and position kept",
+    )

@@ -1,6 +1,8 @@
 """Prompt-to-Prompt word swap of a colour on the bundled model (P2P paper, Fig. 3 style).
 
-Command:
+Run this config:
+  jattn run configs/p2p_colour_swap.py --out-dir out/p2p_colour_swap
+Same edit from the command line:
   jattn edit p2p --prompt "a red circle on the left" --target "a blue circle on the left" \
       --target "a green circle on the left" --cross-steps 0.8 --self-steps 0.4 \
       --out-dir out/p2p_colour_swap

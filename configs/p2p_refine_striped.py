@@ -1,6 +1,8 @@
 """Prompt-to-Prompt refinement: "a circle" -> "a striped circle" (token alignment).
 
-Command:
+Run this config:
+  jattn run configs/p2p_refine_striped.py --out-dir out/p2p_refine_striped
+Same edit from the command line:
   jattn edit p2p --mode refine --prompt "a red circle" --target "a red striped circle" \
       --blend-words circle --out-dir out/p2p_refine_striped
 Expected: the same circle (mask IoU >= 0.8), now with a striped fill (detector fill =

@@ -1,6 +1,8 @@
 """Prompt-to-Prompt attention reweighting of a colour word and a size word.
 
-Command:
+Run this config:
+  jattn run configs/p2p_reweight.py --out-dir out/p2p_reweight
+Same edit from the command line:
   jattn edit p2p --mode reweight --prompt "a red circle" --target "a red circle" \
       --equalize red=4 --out-dir out/p2p_reweight
 Evaluation (amount of the attribute per weight -1, 0.5, 1, 2, 4; 4 seeds):

@@ -1,6 +1,8 @@
 """Prompt-to-Prompt word swap of a shape on the bundled model.
 
-Command:
+Run this config:
+  jattn run configs/p2p_shape_swap.py --out-dir out/p2p_shape_swap
+Same edit from the command line:
   jattn edit p2p --prompt "a yellow square in the center" --target "a yellow star in the center" \
       --target "a yellow heart in the center" --cross-steps 0.8 --self-steps 0.4 \
       --out-dir out/p2p_shape_swap

@@ -176,6 +176,42 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def load_config(path: str) -> dict:
+    """``get_config()`` of a Python config file (big_vision style), without exec'ing it into
+    this module's globals."""
+    import importlib.util
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config={path!r}: no such file")
+    spec = importlib.util.spec_from_file_location(f"jattn_config_{p.stem}", p)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config()")
+    return dict(mod.get_config())
+
+
+def cmd_run(args) -> int:
+    from jattn.methods.p2p import edit
+
+    cfg = load_config(args.config)
+    method = cfg.pop("method", None)
+    if method != "p2p":
+        raise ValueError(f"{args.config}: method={method!r}; `jattn run` knows 'p2p'")
+    pipe = _load(args)
+    expected = cfg.pop("expected", "")
+    prompt, targets = cfg.pop("prompt"), cfg.pop("targets")
+    steps, gs, seed = cfg.pop("steps", 50), cfg.pop("guidance_scale", 7.5), cfg.pop("seed", 0)
+    res = edit(pipe, prompt, targets, num_inference_steps=steps, guidance_scale=gs, seed=seed,
+               **cfg)
+    out_dir = Path(args.out_dir)
+    save_images(res.images, out_dir)
+    _grid(res.images, [prompt] + list(targets), out_dir / "grid.png")
+    print(f"{out_dir / 'grid.png'}\texpected: {expected}")
+    return 0
+
+
 def cmd_sites(args) -> int:
     pipe = _load(args)
     sites = pipe.sites(args.height, args.width)
@@ -257,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out-dir", required=True)
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="run a Python config from configs/")
+    _add_model_args(r)
+    r.add_argument("config")
+    r.add_argument("--out-dir", required=True)
+    r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sites", help="list the attention sites of the UNet")
     _add_model_args(s)

@@ -83,3 +83,15 @@ def test_demo_runs_on_tiny_pipeline(tiny_sd_dir, tmp_path):
     assert rc == 0
     html = (tmp_path / "demo" / "index.html").read_text()
     assert "a red circle on the left" in html and "edit_00.png" in html
+
+
+def test_run_config(tiny_sd_dir, tmp_path, monkeypatch):
+    """`jattn run` executes a configs/ file (here a 2-step copy of the colour swap)."""
+    from pathlib import Path
+
+    src = (Path(__file__).parent.parent / "configs" / "p2p_colour_swap.py").read_text()
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(src.replace("steps=50", "steps=2"))
+    rc = main(["run", "--model", str(tiny_sd_dir), str(cfg), "--out-dir", str(tmp_path / "o")])
+    assert rc == 0 and (tmp_path / "o" / "grid.png").is_file()
+    assert (tmp_path / "o" / "002.png").is_file()

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
                     help="config file[:arg] (default: configs/bundled_model.py)")
     ap.add_argument("--workdir", default=None, help="override the config's workdir")
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="stop cleanly (with a checkpoint) after this much wall time")
+                    help="stop cleanly (with a checkpoint) after this many minutes of running "
+                         "time (time spent stopped by SIGSTOP is not counted)")
     ap.add_argument("--out", default=None, help="export folder (default: the config's)")
     ap.add_argument("--partial", action="store_true", help="export an unfinished stage C")
     ap.add_argument("--force", action="store_true", help="export even if up to date")
@@ -77,10 +78,9 @@ def main(argv=None) -> int:
         _status(cfg)
         return 0
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     progress = not args.no_progress
     t0 = time.time()
-    with StopFlag(deadline) as stop:
+    with StopFlag(60 * args.max_minutes if args.max_minutes else None) as stop:
         todo = {"all": ["vae", "cache", "unet", "export"]}.get(args.command, [args.command])
         for stage in todo:
             if stage == "vae":

@@ -48,11 +48,14 @@ class StageCheckpoints:
         of ``like`` (a state or its ``jax.eval_shape``).
 
         Raises:
-          FileNotFoundError: there is no checkpoint.
+          FileNotFoundError: there is no checkpoint (of that step).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} "
+                                    f"(saved steps: {sorted(self._manager.all_steps())})")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         # Restored as numpy (much faster on CPU than one committed jax.Array per leaf), then
         # made uncommitted jax arrays like a fresh state's, so jit reuses the program a

@@ -7,8 +7,9 @@
   ``metrics.jsonl``; lines of steps beyond a resumed checkpoint are dropped first, so the
   log of a resumed run reads like an uninterrupted one;
 * checkpoints every ``checkpoint_every`` steps and at the end;
-* a deadline (``--max-minutes``) or SIGTERM/SIGINT stops the loop after the current step,
-  with a checkpoint, and returns ``finished=False``.
+* a time budget (``--max-minutes``, running time: time the process spends stopped by
+  SIGSTOP is not counted) or SIGTERM/SIGINT stops the loop after the current step, with a
+  checkpoint, and returns ``finished=False``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,15 +27,57 @@ import numpy as np
 
 from jattn.train.checkpointing import StageCheckpoints
 
-__all__ = ["run_steps", "StopFlag", "trim_metrics"]
+__all__ = ["run_steps", "StopFlag", "RunningClock", "trim_metrics"]
+
+
+class RunningClock:
+    """Seconds this process has been running, not counting time it spent stopped
+    (SIGSTOP/SIGTSTP, e.g. paused by someone timing a benchmark on a shared machine).
+
+    A daemon thread ticks every ``tick`` seconds; a gap of more than ``gap`` seconds between
+    two ticks is taken as a pause and not counted.
+    """
+
+    def __init__(self, tick: float = 1.0, gap: float = 10.0):
+        self._start = time.monotonic()
+        self._paused = 0.0
+        self._last = self._start
+        self._tick, self._gap = tick, gap
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True, name="jattn-running-clock").start()
+
+    def _run(self):
+        while True:
+            time.sleep(self._tick)
+            self._update()
+
+    def _update(self):
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last > self._gap:
+                self._paused += now - self._last - self._tick
+            self._last = now
+
+    @property
+    def paused(self) -> float:
+        """Seconds spent stopped so far."""
+        self._update()
+        return self._paused
+
+    def elapsed(self) -> float:
+        """Running seconds since creation."""
+        self._update()
+        return time.monotonic() - self._start - self._paused
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT (while installed), a deadline (``time.time()`` seconds) or a
-    step count (``at_step``: stop before running that step, e.g. to test resuming)."""
+    """Set by SIGTERM/SIGINT (while installed), a time budget (``max_seconds`` of running
+    time, see :class:`RunningClock`) or a step count (``at_step``: stop before running
+    that step, e.g. to test resuming)."""
 
-    def __init__(self, deadline: float | None = None, at_step: int | None = None):
-        self.deadline = deadline
+    def __init__(self, max_seconds: float | None = None, at_step: int | None = None):
+        self.max_seconds = max_seconds
+        self.clock = RunningClock() if max_seconds is not None else None
         self.at_step = at_step
         self.signalled = False
         self._old = {}
@@ -58,8 +102,8 @@ class StopFlag:
 
     def should_stop(self, step: int) -> bool:
         """Whether to stop before running step ``step``."""
-        return (self.signalled or (self.deadline is not None and time.time() >= self.deadline)
-                or (self.at_step is not None and step >= self.at_step))
+        over = self.clock is not None and self.clock.elapsed() >= self.max_seconds
+        return self.signalled or over or (self.at_step is not None and step >= self.at_step)
 
     @property
     def stop(self) -> bool:

@@ -213,3 +213,24 @@ def test_batches_depend_only_on_seed_and_step():
     np.testing.assert_array_equal(np.sort(idx[:n]), np.arange(n))  # epoch 0: a permutation
     np.testing.assert_array_equal(np.sort(idx[n:2 * n]), np.arange(n))  # epoch 1 as well
     np.testing.assert_array_equal(data_lib.epoch_batch_indices(n, batch, 3, seed=3), idx[12:16])
+
+
+def test_running_clock_skips_pauses():
+    """``--max-minutes`` counts running time: a stretch in which the process does not run
+    (here simulated by blocking the clock's ticker, as SIGSTOP would) is not counted.
+
+    Would break if a training run paused by someone else's benchmark (SIGSTOP) lost that
+    time from its budget and stopped early.
+    """
+    import time
+
+    from jattn.train.loop import RunningClock
+
+    clock = RunningClock(tick=0.02, gap=0.2)
+    t0 = time.monotonic()
+    with clock._lock:  # the ticker cannot run: as if the process were stopped
+        time.sleep(0.6)
+    time.sleep(0.1)
+    total = time.monotonic() - t0
+    assert clock.paused > 0.4
+    assert clock.elapsed() < total - 0.4

@@ -112,6 +112,8 @@ def default_attention(q: Array, k: Array, v: Array, *, upcast: bool = False,
 
 # logits elements per block of the CPU path (256K float32 = 1 MiB, stays in L2)
 _BLOCK_LOGITS = 1 << 18
+# keys from which the logits are built transposed, (S, c) (see _blocked_attention)
+_TRANSPOSED_MIN_KEYS = 256
 
 
 def _blocked_attention(q: Array, k: Array, v: Array) -> Array:
@@ -121,31 +123,50 @@ def _blocked_attention(q: Array, k: Array, v: Array) -> Array:
     ``(B, N, T, S)`` logits for all heads at once in a vmapped layout and is ~5x slower
     than PyTorch's flash kernel at SD sizes (T=S=4096). Mapping over the B*N heads and
     blocks of queries keeps each logits block in cache, and normalising after the value
-    product saves one pass over the probabilities: on par with PyTorch's SDPA on 2 cores.
-    Logits, softmax and accumulation are float32; q, k, v ``(B, T|S, N, H)``.
+    product saves one pass over the probabilities.
+
+    With many keys (S >= 256: self-attention) each block's logits are built transposed,
+    ``(S, c)`` for c queries: the softmax max and sum then reduce over the major axis
+    (vectorised across queries instead of a horizontal reduction per query, ~6x cheaper
+    in XLA CPU), the key product is a plain
+    ``(S, H) x (H, c)`` matmul and the value product ``(H, S) x (S, c)`` uses V transposed
+    once per head. SD1.5 at T=S=4096, N=8, H=40, B=2 on 2 cores: 0.52 s -> 0.37 s
+    (PyTorch SDPA 0.30-0.34 s). With few keys (77-token cross-attention) the row layout
+    ``(c, S)`` is faster. Logits, softmax and accumulation are float32;
+    q, k, v ``(B, T|S, N, H)``.
     """
     b, t, n, h = q.shape
     s = k.shape[1]
     dtype = q.dtype
     q = q * jnp.asarray(_scale(h), dtype)
     qh, kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], h) for x in (q, k, v))
+    transposed = s >= _TRANSPOSED_MIN_KEYS
+    if transposed:
+        vh = vh.transpose(0, 2, 1)  # (B*N, H, S)
     chunk = min(t, max(16, _BLOCK_LOGITS // max(s, 1)))
     blocks = -(-t // chunk)
-    if blocks > 1 and blocks * chunk != t:
+    if blocks * chunk != t:
         qh = jnp.pad(qh, ((0, 0), (0, blocks * chunk - t), (0, 0)))
+    qh = qh.reshape(b * n, blocks, chunk, h)
 
-    def block(qi, ki, vi):  # (c, H), (S, H), (S, H) -> (c, H)
-        logits = jnp.einsum("TH,SH->TS", qi, ki, preferred_element_type=jnp.float32)
-        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-        out = jnp.einsum("TS,SH->TH", e.astype(vi.dtype), vi,
+    def block(qi, ki, vi):  # (c, H), (S, H), (H, S) or (S, H) -> (c, H)
+        if not transposed:
+            logits = jnp.einsum("TH,SH->TS", qi, ki, preferred_element_type=jnp.float32)
+            e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+            out = jnp.einsum("TS,SH->TH", e.astype(vi.dtype), vi,
+                             preferred_element_type=jnp.float32)
+            return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
+        logits = jnp.einsum("SH,TH->ST", ki, qi, preferred_element_type=jnp.float32)
+        e = jnp.exp(logits - jnp.max(logits, axis=0, keepdims=True))
+        out = jnp.einsum("HS,ST->HT", vi, e.astype(vi.dtype),
                          preferred_element_type=jnp.float32)
-        return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
+        return (out / jnp.sum(e, axis=0, keepdims=True)).T.astype(dtype)
 
     def head(args):
         qi, ki, vi = args
         if blocks == 1:
-            return block(qi, ki, vi)
-        out = jax.lax.map(lambda qb: block(qb, ki, vi), qi.reshape(blocks, chunk, h))
+            return block(qi[0], ki, vi)
+        out = jax.lax.map(lambda qb: block(qb, ki, vi), qi)
         return out.reshape(blocks * chunk, h)[:t]
 
     out = jax.lax.map(head, (qh, kh, vh))  # (B*N, T, H)

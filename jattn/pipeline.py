@@ -191,6 +191,14 @@ class Pipeline:
             self._cache[key] = unet_lib.list_sites(self.unet_config, sample_size=(h, w))
         return list(self._cache[key])
 
+    def _replicated(self, mesh):
+        key = ("replicated_unet", id(mesh))
+        if key not in self._cache:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            self._cache[key] = jax.device_put(self.params["unet"], NamedSharding(mesh, P()))
+        return self._cache[key]
+
     # ------------------------------------------------------------------ sampling
     def schedule(self, num_inference_steps: int, scheduler: str | None = None,
                  eta: float | None = None) -> sch.Schedule:
@@ -310,12 +318,38 @@ class Pipeline:
         x = x * schedule.init_noise_sigma
         fn = self._sample_fn(do_cfg, aux_fns)
         gs = jnp.asarray(guidance_scale, jnp.float32)
-        final, aux = fn(self.params["unet"], schedule, x, cond, uncond, gs, keys, policy,
+        groups = policy.layout.groups if isinstance(policy, Policy) else b
+        unet_params = self.params["unet"]
+        mesh = data_mesh(groups)
+        if mesh is not None:  # whole groups per device: rows are group-major
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            rows = NamedSharding(mesh, P("data"))
+            x, cond, uncond, keys = (jax.device_put(a, rows) for a in (x, cond, uncond, keys))
+            if uncond_per_step is not None:
+                uncond_per_step = jax.device_put(uncond_per_step,
+                                                 NamedSharding(mesh, P(None, "data")))
+            unet_params = self._replicated(mesh)
+        final, aux = fn(unet_params, schedule, x, cond, uncond, gs, keys, policy,
                         uncond_per_step)
         images = self.decode(final) if decode else None
         return GenerateOutput(images=images,
                               latents=np.asarray(final, np.float32).transpose(0, 3, 1, 2),
                               aux=aux)
+
+
+_MESHES: dict = {}
+
+
+def data_mesh(groups: int):
+    """A 1-D mesh ``("data",)`` over all devices when there are several and ``groups``
+    divides evenly over them (whole groups per device); else None (single device)."""
+    n = jax.device_count()
+    if n < 2 or groups % n:
+        return None
+    if n not in _MESHES:
+        _MESHES[n] = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    return _MESHES[n]
 
 
 # ---------------------------------------------------------------------- loading

@@ -12,6 +12,42 @@ GPU part (b): SD1.5 config, 512 px, 50 DDIM steps with CFG, batch 1 and 8, bf16:
   images/s and model-FLOPs utilisation (UNet 0.804 TFLOP per forward at 64², VAE decode
   2.5 TFLOP), jattn vs diffusers torch (SDPA; torch.compile if it works).
 Expected (CPU, this 2-core machine): parity ≤ 1e-4 max-abs; ratio printed.
+
+Where time goes (CPU, SD1.5 UNet, batch 2, 64² latents, fp32, 2 threads each; measured
+2026-11 with scripts/bench_unet_parts.py and a jax.profiler trace of the whole forward;
+the machine is shared, so absolute times drift up to 2x between runs: compare within a row):
+
+  component (SD1.5 @64²)          torch s   jattn before   jattn after
+  conv3x3 320ch @64²               0.067       0.089          0.071
+  conv3x3 640ch @32²               0.066       0.081          0.072
+  conv3x3 1280ch @16²              0.083       0.108          0.073
+  conv3x3+SiLU 1280ch @8²          0.039       0.056          0.024
+  resnet 1280 @8² / @16²           0.070/0.168  ratio 1.4/1.2  0.048/0.148
+  self-attention core T=S=4096     0.30-0.34    0.52           0.36
+  cross-attention core S=77        0.010        0.022          0.021
+  GEGLU feed-forward T=4096        0.170        0.136          0.136
+  GroupNorm+SiLU 320 @64²          ~0.012       0.006          0.006
+  whole UNet forward (bench_generate, torch / jattn / ratio):
+    before                          10.2 / 12.96 / 1.27
+    YNNPACK off                      9.33 / 10.15 / 1.09
+    + transposed attention blocks   23.7 / 18.6 / 0.78  (machine loaded by other jobs)
+    32² latents, both changes        6.65 / 4.22 / 0.63  (same load)
+
+* Before: XLA CPU (jax 0.10) routes convolutions and dots into YNNPACK fusions; on this
+  AVX-512 EPYC they ran 1.2-2.3x slower than the Eigen path (whole-model trace: 7.9 s
+  in 3x3 convs, 5.7 s in matmuls, 4.1 s in attention of a 17.8 s forward). jattn now
+  sets ``--xla_cpu_experimental_ynn_fusion_type=`` (empty: no YNNPACK fusions) in
+  XLA_FLAGS at import unless the user set it (jattn/__init__.py): 17.8 s -> 10.3 s.
+* Attention: the row-layout softmax reduced each 64x4096 logits block horizontally
+  (a max pass costing as much as a matmul); building the logits as (S, c) blocks
+  makes max/sum vertical, vectorised reductions and the matmuls plain NN products
+  (jattn/models/attention.py): 0.52 s -> 0.36 s per T=S=4096 site, still ~10% behind
+  PyTorch's fused flash kernel (one pass for max/exp/sum; XLA needs three).
+* Remaining gap vs torch: self-attention cores (5 sites at 64², ~0.3 s total) and
+  the 3x3 convs at 64²/32² (within 5-10%); resnets at 16²/8², GEGLU and GroupNorm are
+  faster than torch. Tried without gain: 2 heads per loop step (unrolled or batched),
+  query blocks of 128/256 rows, the row sum through a ones column of V, oneDNN
+  (``--xla_cpu_use_onednn``), XNNPACK off in addition to YNNPACK.
 """
 
 from __future__ import annotations

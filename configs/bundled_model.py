@@ -13,7 +13,7 @@ then, if it stopped before the end, the same command again; the export to
 Expected result (2-core CPU shared with other jobs; s/step measured at load ~2-5):
   stage A (vae)    0.98M params, 4000 steps x 16 crops of 64 px (3 in 4 centred on an
                    object) at ~0.6-1.0 s/step, ~55 min; reconstruction PSNR (EMA, 128 px
-                   world images, posterior mean) 27.3 dB at step 500, 29.0 dB at step 750,
+                   world images, posterior mean) 27.3 dB at step 500, 29.0 at 750, 31.0 at 1500,
                    > 30 dB expected at the end (runs/bundled/vae/final/eval.json).
                    The bundled weights' run was planned with 2400 steps and raised to 4000
                    at step ~1000 (its cosine schedule changed there), so a fresh run of this

@@ -212,7 +212,8 @@ class Pipeline:
     def _sample_fn(self, do_cfg: bool, aux_fns=None):
         key = ("sample", do_cfg, aux_fns)
         if key not in self._cache:
-            def run(params, schedule, latents, cond, uncond, gs, keys, policy, uncond_steps):
+            def run(params, schedule, latents, cond, uncond, gs, keys, policy, uncond_steps,
+                    guidance):
                 self._count("sample")
                 aux_init = aux_update = callback = None
                 if aux_fns is not None:
@@ -224,7 +225,8 @@ class Pipeline:
                 return sampler_lib.sample(
                     self.unet_fn(params), schedule, latents, cond,
                     uncond if do_cfg else None, gs, keys, policy=policy, aux_init=aux_init,
-                    aux_update=aux_update, callback=callback, uncond_per_step=uncond_steps)
+                    aux_update=aux_update, callback=callback, uncond_per_step=uncond_steps,
+                    guidance=guidance)
 
             self._cache[key] = jax.jit(run)
         return self._cache[key]
@@ -247,6 +249,7 @@ class Pipeline:
         prompt_embeds: jax.Array | None = None,
         uncond_embeds: jax.Array | None = None,
         uncond_per_step: jax.Array | None = None,
+        guidance: Any = None,
         decode: bool = True,
     ) -> GenerateOutput:
         """Generate images, one per prompt.
@@ -268,6 +271,8 @@ class Pipeline:
           prompt_embeds / uncond_embeds: ``(B, 77, D)`` embeddings replacing the prompts.
           uncond_per_step: ``(steps, B, 77, D)`` per-step unconditional embeddings
             (null-text inversion).
+          guidance: :class:`jattn.sampling.guidance.Guidance`: a loss on recorded attention,
+            a gradient step on the latents inside the loop.
           decode: decode latents to images (else ``images`` is None).
         Returns:
           :class:`GenerateOutput`.
@@ -331,7 +336,7 @@ class Pipeline:
                                                  NamedSharding(mesh, P(None, "data")))
             unet_params = self._replicated(mesh)
         final, aux = fn(unet_params, schedule, x, cond, uncond, gs, keys, policy,
-                        uncond_per_step)
+                        uncond_per_step, guidance)
         images = self.decode(final) if decode else None
         return GenerateOutput(images=images,
                               latents=np.asarray(final, np.float32).transpose(0, 3, 1, 2),

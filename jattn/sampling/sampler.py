@@ -56,6 +56,7 @@ def sample(
     aux_update: Callable[[Any, dict, Array], Any] | None = None,
     callback: Callable[[dict], dict] | None = None,
     uncond_per_step: Array | None = None,
+    guidance: Any = None,
 ) -> tuple[Array, Any]:
     """Run the denoising loop. Pure; call it under ``jax.jit``.
 
@@ -76,6 +77,8 @@ def sample(
         latent re-imposition).
       uncond_per_step: ``(n_steps, B, S, D)`` unconditional embeddings per step (null-text
         inversion); overrides ``uncond``.
+      guidance: a :class:`jattn.sampling.guidance.Guidance` (attention loss, gradient step
+        on the latents before each denoising step where its step size is non-zero).
     Returns:
       ``(final latents (B, h, w, C), aggregated aux)``.
     """
@@ -91,6 +94,15 @@ def sample(
     def body(carry, i):
         x, state, acc = carry
         t = schedule.timesteps[i]
+        if guidance is not None:
+            from jattn.sampling.guidance import apply_guidance
+
+            x, _ = jax.lax.cond(
+                guidance.step_size[i] != 0,
+                lambda z: apply_guidance(guidance, unet_fn,
+                                         lambda y: sch.scale_model_input(schedule, y, i),
+                                         z, t, cond, i),
+                lambda z: (z, jnp.zeros((), jnp.float32)), x)
         x_in = sch.scale_model_input(schedule, x, i)
         if do_cfg:
             u = uncond_per_step[i] if uncond_per_step is not None else uncond

@@ -53,7 +53,6 @@ the machine is shared, so absolute times drift up to 2x between runs: compare wi
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import numpy as np
@@ -77,8 +76,25 @@ UNET_TFLOP_64 = 0.804
 VAE_DECODE_TFLOP_512 = 2.51
 
 
-def rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _status_gb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def working_memory(fn) -> float:
+    """Peak RSS growth (GB) while ``fn`` runs: the working memory (activations, workspace)
+    above what is already resident (weights of both frameworks). Linux: resets the peak
+    (VmHWM) through /proc/self/clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _status_gb("VmRSS")
+    fn()
+    return _status_gb("VmHWM") - base
 
 
 def timeit(fn, repeats):
@@ -111,7 +127,6 @@ def bench_cpu(args):
           f"threads {torch.get_num_threads()}")
 
     # ---------------- UNet
-    r0 = rss_gb()
     tu = UNet2DConditionModel(**SD15_UNET).eval()
     cfg = unet_lib.UNetConfig.from_diffusers(dict(tu.config))
     params = unet_lib.convert_unet_state_dict(torch_sd(tu), cfg)
@@ -128,7 +143,7 @@ def bench_cpu(args):
 
     ref = run_torch().numpy()
     torch_best, torch_med = timeit(run_torch, args.repeats)
-    r1 = rss_gb()
+    torch_mem = working_memory(run_torch)
     model = unet_lib.UNet2DConditionModel(cfg)
     fwd = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c)[0])
     xj, tj, cj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32), jnp.asarray(ctx)
@@ -138,13 +153,13 @@ def bench_cpu(args):
     out = np.asarray(compiled(params, xj, tj, cj)).transpose(0, 3, 1, 2)
     jax_best, jax_med = timeit(lambda: compiled(params, xj, tj, cj).block_until_ready(),
                                args.repeats)
-    r2 = rss_gb()
+    jax_mem = working_memory(lambda: compiled(params, xj, tj, cj).block_until_ready())
     err = float(np.abs(out - ref).max())
     print(f"unet  max-abs {err:.3e} (|ref| max {np.abs(ref).max():.3f})")
     print(f"unet  torch {torch_best:.2f}s (median {torch_med:.2f})  jattn {jax_best:.2f}s "
           f"(median {jax_med:.2f})  ratio jattn/diffusers {jax_best / torch_best:.3f}")
-    print(f"unet  jattn compile {compile_s:.1f}s; peak RSS growth torch {r1 - r0:.1f} GB, "
-          f"jattn {r2 - r1:.1f} GB (process peak {r2:.1f} GB)")
+    print(f"unet  jattn compile {compile_s:.1f}s; working memory of one forward (peak RSS "
+          f"above resident weights): torch {torch_mem:.2f} GB, jattn {jax_mem:.2f} GB")
     del tu, params, compiled
 
     if args.skip_vae_text:

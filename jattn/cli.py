@@ -96,7 +96,7 @@ def cmd_edit_p2p(args) -> int:
     kwargs = dict(mode=args.mode, cross_replace_steps=args.cross_steps,
                   self_replace_steps=args.self_steps, equalize=_parse_equalize(args.equalize),
                   blend_words=args.blend_words, subtract_words=args.subtract_words,
-                  start_blend=args.start_blend)
+                  start_blend=args.start_blend, reference_quirks=args.reference_quirks)
     res = edit(pipe, args.prompt, args.target, num_inference_steps=args.steps,
                guidance_scale=args.guidance_scale, seed=args.seed,
                latents=None if inv is None else inv.x_t[:1],
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend-words", nargs="*", default=None)
     p.add_argument("--subtract-words", nargs="*", default=None)
     p.add_argument("--start-blend", type=float, default=0.0)
+    p.add_argument("--reference-quirks", action="store_true",
+                   help="reproduce google/prompt-to-prompt's quirks (post-edit stored maps, "
+                        "get_word_inds word boundaries, word-swap tail mapping)")
     p.add_argument("--image", default=None, help="real image to edit (inverted first)")
     p.add_argument("--inversion", choices=["null-text", "ddim"], default="null-text")
     p.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")

@@ -129,6 +129,18 @@ def vae_loss(params, config: vae_lib.VAEConfig, images: Array, key: Array, *,
     return loss, {"l1": l1, "mse": mse, "kl": kl}
 
 
+def _optimizer_step(state, loss_of_params, tx, schedule, ema_decay):
+    """One AdamW step + EMA on ``state = {params, ema, opt_state, step}``;
+    ``loss_of_params(params) -> (loss, aux metrics)``."""
+    (loss, aux), grads = jax.value_and_grad(loss_of_params, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = ema_update(state["ema"], params, ema_decay, state["step"]) if ema_decay else params
+    metrics = {"loss": loss, **aux, "lr": schedule(state["step"])}
+    return {"params": params, "ema": ema, "opt_state": opt_state,
+            "step": state["step"] + 1}, metrics
+
+
 @functools.lru_cache(maxsize=8)
 def make_vae_step(stage: VAEStageConfig, seed: int) -> tuple[Callable, optax.GradientTransformation]:
     """``(jitted step(state, images) -> (state, metrics), optimizer)`` for stage A.
@@ -144,15 +156,8 @@ def make_vae_step(stage: VAEStageConfig, seed: int) -> tuple[Callable, optax.Gra
 
     def step_fn(state, images):
         key = _step_key(seed, _VAE_STREAM, state["step"])
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: loss_fn(p, images=images, key=key), has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ema = (ema_update(state["ema"], params, stage.ema_decay, state["step"])
-               if stage.ema_decay else params)
-        metrics = {"loss": loss, **aux, "lr": schedule(state["step"])}
-        return {"params": params, "ema": ema, "opt_state": opt_state,
-                "step": state["step"] + 1}, metrics
+        return _optimizer_step(state, lambda p: loss_fn(p, images=images, key=key), tx,
+                               schedule, stage.ema_decay)
 
     return jax.jit(step_fn, donate_argnums=0), tx
 
@@ -236,15 +241,8 @@ def make_diffusion_step(stage: DiffusionStageConfig, seed: int, empty_ids: tuple
 
     def step_fn(state, latents, token_ids):
         key = _step_key(seed, _DIFFUSION_STREAM, state["step"])
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key),
-            has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ema = (ema_update(state["ema"], params, stage.ema_decay, state["step"])
-               if stage.ema_decay else params)
-        metrics = {"loss": loss, **aux, "lr": schedule(state["step"])}
-        return {"params": params, "ema": ema, "opt_state": opt_state,
-                "step": state["step"] + 1}, metrics
+        return _optimizer_step(
+            state, lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key), tx,
+            schedule, stage.ema_decay)
 
     return jax.jit(step_fn, donate_argnums=0), tx

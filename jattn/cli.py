@@ -25,6 +25,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="accept .bin/.ckpt pickle weights (unsafe; refused by default)")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """--steps, --guidance-scale, [--seed], --out-dir (shared by the method commands)."""
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+
+
 def _load(args):
     import jattn
 
@@ -262,10 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="real image to edit (inverted first)")
     p.add_argument("--inversion", choices=["null-text", "ddim"], default="null-text")
     p.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", required=True)
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_edit_p2p)
 
     iv = sub.add_parser("invert", help="DDIM / null-text inversion of a real image")
@@ -273,28 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--image", required=True)
     iv.add_argument("--prompt", required=True)
     iv.add_argument("--method", choices=["null-text", "ddim"], default="null-text")
-    iv.add_argument("--steps", type=int, default=50)
-    iv.add_argument("--guidance-scale", type=float, default=7.5)
-    iv.add_argument("--out-dir", required=True)
+    _add_sampling_args(iv, seed=False)
     iv.set_defaults(func=cmd_invert)
 
     mp = sub.add_parser("maps", help="per-token cross-attention overlays, self-attention PCA")
     _add_model_args(mp)
     mp.add_argument("--prompt", action="append", required=True)
-    mp.add_argument("--seed", type=int, default=0)
-    mp.add_argument("--steps", type=int, default=50)
-    mp.add_argument("--guidance-scale", type=float, default=7.5)
     mp.add_argument("--self-resolution", type=int, default=None,
                     help="self-attention grid side to capture (default: largest <= 32)")
-    mp.add_argument("--out-dir", required=True)
+    _add_sampling_args(mp)
     mp.set_defaults(func=cmd_maps)
 
     d = sub.add_parser("demo", help="generations, attention maps and P2P edits + index.html")
     _add_model_args(d)
-    d.add_argument("--steps", type=int, default=50)
-    d.add_argument("--guidance-scale", type=float, default=7.5)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out-dir", required=True)
+    _add_sampling_args(d)
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="run a Python config from configs/")

@@ -191,6 +191,7 @@ def bench_cpu(args):
 
 
 def bench_gpu(args):  # pragma: no cover - needs a lent GPU
+    """SD1.5 config, 512 px, 50 DDIM steps with CFG, bf16, batch 1 and 8: jattn vs diffusers."""
     import jax
     import jax.numpy as jnp
 
@@ -198,17 +199,14 @@ def bench_gpu(args):  # pragma: no cover - needs a lent GPU
     from jattn.sampling import sampler, schedulers as sch
 
     print(f"# GPU benchmark on {jax.devices()}")
-    cfg_d = dict(SD15_UNET)
-    cfg_d.update(_class_name="UNet2DConditionModel")
-    cfg = unet_lib.UNetConfig.from_diffusers(cfg_d)
-    params = unet_lib.init_params(cfg, jax.random.key(0))
-    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    cfg = unet_lib.UNetConfig.from_diffusers(dict(SD15_UNET))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16),
+                                    unet_lib.init_params(cfg, jax.random.key(0)))
     vcfg = vae_lib.VAEConfig.from_diffusers(dict(SD15_VAE))
     vparams = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16),
-                                     vae_lib.init_params(vcfg, jax.random.key(1)))
+                                     vae_lib.init_vae_params(vcfg, jax.random.key(1)))
     model = unet_lib.UNet2DConditionModel(cfg, dtype=jnp.bfloat16)
-    scfg = sch.SchedulerConfig(kind="ddim")
-    schedule = sch.make_schedule(scfg, 50)
+    schedule = sch.make_schedule(sch.SchedulerConfig(kind="ddim"), 50)
 
     def unet_fn(x, t, c, policy, step):
         return model.apply({"params": params}, x.astype(jnp.bfloat16), t, c, policy=policy,
@@ -219,15 +217,59 @@ def bench_gpu(args):  # pragma: no cover - needs a lent GPU
         lat, _ = sampler.sample(unet_fn, schedule, x, cond, uncond, 7.5, keys)
         return vae_lib.decode_latents(vparams, vcfg, lat.astype(jnp.bfloat16))
 
+    results = {}
     for b in (1, 8):
         x = jax.random.normal(jax.random.key(0), (b, 64, 64, 4))
         cond = jnp.zeros((b, 77, 768), jnp.bfloat16)
         keys = sampler.per_sample_keys(np.arange(b))
+        t0 = time.perf_counter()
         gen(x, cond, cond, keys).block_until_ready()
+        compile_s = time.perf_counter() - t0
         best, _ = timeit(lambda: gen(x, cond, cond, keys).block_until_ready(), 3)
         tflop = b * (100 * UNET_TFLOP_64 + VAE_DECODE_TFLOP_512)
-        print(f"batch {b}: {b / best:.2f} images/s, {best:.2f} s, MFU "
-              f"{tflop / best / 989:.1%} of 989 TFLOP/s")
+        results[b] = best
+        print(f"jattn     batch {b}: {b / best:.2f} images/s ({best:.2f} s, first call "
+              f"{compile_s:.1f} s), MFU {tflop / best / 989:.1%} of 989 TFLOP/s")
+    try:
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    except ImportError as e:
+        print(f"diffusers/torch not available: {e}")
+        return
+    tu = UNet2DConditionModel(**SD15_UNET).to("cuda", torch.bfloat16).eval()
+    tv = AutoencoderKL(**SD15_VAE).to("cuda", torch.bfloat16).eval()
+    ts = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+    def torch_gen(b, unet):
+        ts.set_timesteps(50)
+        x = torch.randn(b, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+        ctx = torch.zeros(2 * b, 77, 768, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            for t in ts.timesteps:
+                e = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample
+                eu, ec = e.chunk(2)
+                x = ts.step(eu + 7.5 * (ec - eu), t, x).prev_sample
+            img = tv.decode(x / 0.18215).sample
+        torch.cuda.synchronize()
+        return img
+
+    variants = [("diffusers SDPA", tu)]
+    try:
+        variants.append(("diffusers torch.compile", torch.compile(tu, mode="max-autotune")))
+    except Exception as e:  # noqa: BLE001
+        print(f"torch.compile unavailable: {e}")
+    for name, unet in variants:
+        for b in (1, 8):
+            try:
+                torch_gen(b, unet)
+                best, _ = timeit(lambda: torch_gen(b, unet), 3)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name} batch {b}: failed ({type(e).__name__}: {e})")
+                continue
+            tflop = b * (100 * UNET_TFLOP_64 + VAE_DECODE_TFLOP_512)
+            print(f"{name:24s} batch {b}: {b / best:.2f} images/s ({best:.2f} s), MFU "
+                  f"{tflop / best / 989:.1%}; jattn/diffusers time {results[b] / best:.2f}")
 
 
 def main():

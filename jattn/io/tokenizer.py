@@ -62,7 +62,8 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
 
 def _ids(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` with BOS/EOS, no padding, no truncation."""
-    return list(tokenizer(text, padding=False, truncation=False)["input_ids"])
+    # verbose=False: the over-77 case gets our own clear error instead of transformers' warning
+    return list(tokenizer(text, padding=False, truncation=False, verbose=False)["input_ids"])
 
 
 def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:

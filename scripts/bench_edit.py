@@ -22,16 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchutil import best_time
 
 
-def steady(fn, repeats=2):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 
 def main():
@@ -59,13 +52,13 @@ def main():
     lat = np.random.default_rng(0).standard_normal(
         (1, pipe.unet_config.in_channels) + (pipe.default_size // pipe.vae_scale_factor,) * 2
     ).astype(np.float32)
-    plain = steady(lambda: pipe.generate([src] + tgts, num_inference_steps=n, scheduler="ddim",
+    plain = best_time(lambda: pipe.generate([src] + tgts, num_inference_steps=n, scheduler="ddim",
                                          latents=np.repeat(lat, m, 0)))
-    rep = steady(lambda: edit(pipe, src, tgts, num_inference_steps=n, latents=lat))
-    ref = steady(lambda: edit(pipe, src, ["a red striped circle on the left"],
+    rep = best_time(lambda: edit(pipe, src, tgts, num_inference_steps=n, latents=lat))
+    ref = best_time(lambda: edit(pipe, src, ["a red striped circle on the left"],
                               mode="refine", num_inference_steps=n, latents=lat,
                               blend_words=["circle"]))
-    plain_2 = steady(lambda: pipe.generate([src, src], num_inference_steps=n, scheduler="ddim",
+    plain_2 = best_time(lambda: pipe.generate([src, src], num_inference_steps=n, scheduler="ddim",
                                            latents=np.repeat(lat, 2, 0)))
     print(f"# model {folder}; {n} DDIM steps, CFG 7.5")
     print(f"p2p replace, batch {m}: edit {rep:.2f}s / plain {plain:.2f}s = {rep / plain:.3f}x "

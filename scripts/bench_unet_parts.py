@@ -14,16 +14,9 @@ import argparse
 import time
 
 import numpy as np
+from benchutil import best_time
 
 
-def best_time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 
 def main():

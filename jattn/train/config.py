@@ -104,6 +104,11 @@ class DiffusionStageConfig:
       snr_gamma: Min-SNR-gamma loss weighting ``min(SNR, gamma) / SNR`` for epsilon
         prediction (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
         Strategy"); 0 disables it (plain MSE).
+      grounding_token_weight, grounding_pixel_weight: weights of the TokenCompose token
+        and pixel losses on the cross-attention of each object's words
+        (:mod:`jattn.train.grounding`; world source only); 0 and 0 disable them.
+      grounding_from_step: the grounding losses count from this step on (0: from the
+        start).
     """
 
     unet: tuple = ()
@@ -123,6 +128,13 @@ class DiffusionStageConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     snr_gamma: float = 5.0
+    grounding_token_weight: float = 0.0
+    grounding_pixel_weight: float = 0.0
+    grounding_from_step: int = 0
+
+    @property
+    def grounding(self) -> bool:
+        return bool(self.grounding_token_weight or self.grounding_pixel_weight)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -324,6 +324,45 @@ def diffusion_state_like(cfg: TrainConfig):
     return jax.eval_shape(lambda p: steps_lib.init_state(p, tx), params)
 
 
+def grounding_arrays(cfg: TrainConfig, ids: np.ndarray, progress: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Object masks float16 ``(N, K, 16, 16)`` and word positions int32 ``(N, K, R)`` of the
+    cached samples (:func:`jattn.train.grounding.grounding_targets`), rendered once and
+    kept in ``cache/grounding.npz`` (keyed by the cache's meta)."""
+    from jattn.train.grounding import grounding_targets
+
+    d = stage_dirs(cfg)["cache"]
+    f = d / "grounding.npz"
+    n = len(ids)
+    key = json.dumps({"n": n, "seed": cfg.seed, "split": cfg.cache.split,
+                      "source": cfg.source}, sort_keys=True)
+    if f.is_file():
+        z = np.load(f)
+        if str(z["key"]) == key:
+            return z["masks"], z["positions"]
+    tok = _tokenizer()
+    chunk = 2000
+    masks, positions = [], []
+    rng = range(0, n, chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rng = tqdm(rng, desc="grounding targets", file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    for start in rng:
+        count = min(chunk, n - start)
+        m, p = grounding_targets(cfg.source, cfg.seed, start, count, ids[start:start + count],
+                                 tok, split=cfg.cache.split)
+        masks.append(m)
+        positions.append(p)
+    masks, positions = np.concatenate(masks), np.concatenate(positions)
+    tmp = d / "grounding.tmp.npz"
+    np.savez(tmp, masks=masks, positions=positions, key=np.asarray(key))
+    tmp.replace(f)
+    _log(f"grounding: masks {masks.shape}, {int((positions >= 0).sum())} grounded words")
+    return masks, positions
+
+
 def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bool = True,
                     latents: np.ndarray | None = None, ids: np.ndarray | None = None) -> bool:
     """Stage C: UNet and text encoder jointly on the latent cache (or on given arrays:
@@ -355,10 +394,15 @@ def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bo
     _log(f"diffusion: UNet {n_u / 1e6:.2f}M + text encoder {n_t / 1e6:.2f}M params, "
          f"{len(latents)} samples, {st.steps} steps of batch {st.batch_size}")
     n = len(latents)
+    extra: tuple = ()
+    if st.grounding:
+        extra = grounding_arrays(cfg, ids, progress=progress)
 
     def batch_fn(step):
         idx = np.sort(data_lib.epoch_batch_indices(n, st.batch_size, step, cfg.seed))
-        return latents[idx], ids[idx]
+        return (latents[idx], ids[idx]) + tuple(np.asarray(e[idx], np.float32)
+                                                if e.dtype == np.float16 else e[idx]
+                                                for e in extra)
 
     _, finished = run_steps(
         name="unet", state=state, step_fn=step_fn, batch_fn=batch_fn, total_steps=st.steps,

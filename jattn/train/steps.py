@@ -184,7 +184,7 @@ def alphas_cumprod(stage: DiffusionStageConfig) -> np.ndarray:
 def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
                    text_config: clip_lib.CLIPTextConfig, latents: Array, token_ids: Array,
                    key: Array, *, alphas_bar: Array, empty_ids: Array, caption_dropout: float,
-                   snr_gamma: float) -> tuple[Array, dict]:
+                   snr_gamma: float, grounding: dict | None = None) -> tuple[Array, dict]:
     """Epsilon-prediction loss of latent diffusion (Ho et al. 2020; Rombach et al. 2022).
 
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with t uniform over the training
@@ -197,8 +197,13 @@ def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
       latents: float32 ``(B, h, w, C)`` scaled latents x_0.
       token_ids: int32 ``(B, S)``; empty_ids: int32 ``(S,)`` (tokenized "").
       alphas_bar: float32 ``(T,)``.
+      grounding: None, or the token grounding terms (:mod:`jattn.train.grounding`):
+        ``{"policy": static capture policy, "sites_res": {path: (h, w)}, "masks": float
+        (B, K, m, m), "positions": int32 (B, K, R), "token_weight": scalar, "pixel_weight":
+        scalar}``; the weights may be traced (0 switches the terms off).
     Returns:
-      (loss, ``{"mse"}``) with mse the unweighted mean squared error.
+      (loss, ``{"mse"}``) with mse the unweighted mean squared error (and, with grounding,
+      ``"ground_token"``, ``"ground_pixel"``: the unweighted grounding losses).
     """
     k_drop, k_t, k_noise = jax.random.split(key, 3)
     b = latents.shape[0]
@@ -210,15 +215,25 @@ def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     a = alphas_bar[t][:, None, None, None]
     x_t = jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
-    eps, _ = unet_lib.UNet2DConditionModel(unet_config).apply(
-        {"params": params["unet"]}, x_t, t.astype(jnp.float32), context)
+    policy = None if grounding is None else grounding["policy"]
+    eps, aux = unet_lib.UNet2DConditionModel(unet_config).apply(
+        {"params": params["unet"]}, x_t, t.astype(jnp.float32), context, policy=policy)
     per_sample = jnp.mean(jnp.square(eps - noise), axis=(1, 2, 3))  # (B,)
     if snr_gamma:
         snr = alphas_bar[t] / (1.0 - alphas_bar[t])
         weight = jnp.minimum(snr, snr_gamma) / snr
     else:
         weight = jnp.ones_like(per_sample)
-    return jnp.mean(weight * per_sample), {"mse": jnp.mean(per_sample)}
+    loss = jnp.mean(weight * per_sample)
+    metrics = {"mse": jnp.mean(per_sample)}
+    if grounding is not None:
+        from jattn.train.grounding import grounding_loss
+
+        tok, pix = grounding_loss(aux, grounding["sites_res"], grounding["masks"],
+                                  grounding["positions"], ~drop)
+        loss = loss + grounding["token_weight"] * tok + grounding["pixel_weight"] * pix
+        metrics.update(ground_token=tok, ground_pixel=pix)
+    return loss, metrics
 
 
 @functools.lru_cache(maxsize=8)
@@ -228,6 +243,9 @@ def make_diffusion_step(stage: DiffusionStageConfig, seed: int, empty_ids: tuple
 
     ``latents`` float32 ``(B, h, w, C)``, ``token_ids`` int32 ``(B, S)``; params and EMA are
     ``{"unet", "text_encoder"}``. Metrics: loss, mse, lr. Cached per (config, seed, ids).
+    With ``stage.grounding`` the step also takes ``masks`` float ``(B, K, m, m)`` and
+    ``positions`` int32 ``(B, K, R)`` (:func:`jattn.train.grounding.grounding_targets`) and
+    reports ground_token, ground_pixel.
     """
     unet_config, text_config = unet_config_of(stage), text_config_of(stage)
     schedule = lr_schedule(stage.lr, stage.warmup_steps, stage.steps, stage.end_lr_fraction,
@@ -239,10 +257,32 @@ def make_diffusion_step(stage: DiffusionStageConfig, seed: int, empty_ids: tuple
                                 text_config=text_config, alphas_bar=abar, empty_ids=empty,
                                 caption_dropout=stage.caption_dropout, snr_gamma=stage.snr_gamma)
 
-    def step_fn(state, latents, token_ids):
+    if not stage.grounding:
+        def step_fn(state, latents, token_ids):
+            key = _step_key(seed, _DIFFUSION_STREAM, state["step"])
+            return _optimizer_step(
+                state, lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key), tx,
+                schedule, stage.ema_decay)
+
+        return jax.jit(step_fn, donate_argnums=0), tx
+
+    from jattn.train.grounding import grounding_policy
+
+    cache: dict = {}
+
+    def step_fn(state, latents, token_ids, masks, positions):
         key = _step_key(seed, _DIFFUSION_STREAM, state["step"])
+        b, h = latents.shape[0], latents.shape[1]
+        if (b, h) not in cache:
+            pol = grounding_policy(unet_config, b, h)
+            cache[b, h] = (pol, {s.path: s.resolution for s in pol.sites})
+        pol, sites_res = cache[b, h]
+        on = (state["step"] >= stage.grounding_from_step).astype(jnp.float32)
+        g = {"policy": pol, "sites_res": sites_res, "masks": masks, "positions": positions,
+             "token_weight": on * stage.grounding_token_weight,
+             "pixel_weight": on * stage.grounding_pixel_weight}
         return _optimizer_step(
-            state, lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key), tx,
-            schedule, stage.ema_decay)
+            state, lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key,
+                                     grounding=g), tx, schedule, stage.ema_decay)
 
     return jax.jit(step_fn, donate_argnums=0), tx

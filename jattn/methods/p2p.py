@@ -79,7 +79,7 @@ def p2p_policy(
     start_blend: float = 0.0,
     blend_threshold: float = 0.3,
     blend_resolution: int | None = None,
-    self_max_tokens: int | None = None,
+    self_max_tokens: int = 16 ** 2,
     capture: bool = False,
     capture_resolutions: Sequence[int] | None = None,
     height: int | None = None,
@@ -107,8 +107,11 @@ def p2p_policy(
       blend_words: words whose attention defines the local-blend mask (each member uses
         those it contains); ``subtract_words``: words removed from the mask.
       start_blend: fraction of steps before blending starts (null-text notebook 0.2).
-      self_max_tokens: self replacement only where query tokens ≤ this (default
-        (latent_h/4)·(latent_w/4), the reference's 16² at 64² latents).
+      self_max_tokens: self replacement only where key tokens ≤ this (default 16² = 256,
+        the reference's constant in ``prompt-to-prompt_stable.ipynb``; its null-text
+        notebook uses 32²). It is a token count, not a fraction of the latent: on SD's 64²
+        latents it selects the 16² and 8² layers, on the bundled model's 16² latents every
+        self-attention layer.
       capture: also capture head/layer-averaged maps (cross at every resolution; self at
         ``capture_resolutions``) for pictures.
       reference_quirks: reproduce the reference's quirks (post-edit stored maps; word
@@ -157,7 +160,7 @@ def p2p_policy(
         raise ValueError("mode='reweight' needs equalize={word: weight}")
     cross = CrossEdit(**kwargs)
     s0, s1 = p2p_text.self_replace_window(num_steps, self_replace_steps)
-    max_tokens = self_max_tokens if self_max_tokens is not None else (lat_h // 4) * (lat_w // 4)
+    max_tokens = int(self_max_tokens)
     self_res = tuple(sorted({s.resolution for s in sites if s.kind == "self"
                              and s.query_tokens <= max_tokens}))
     rules = [(Select(kind="cross"), cross)]

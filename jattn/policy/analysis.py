@@ -373,7 +373,8 @@ def grid(images: Sequence, rows: int, cols: int, labels: Sequence[str] | None = 
     Args:
       images: uint8 ``(H, W, 3)`` / ``(H, W)`` arrays, float arrays in [0, 1], or PIL
         images; cells are the largest height × width, smaller images sit top-left.
-      labels: one text per image (PIL's default font), drawn in a band under each cell.
+      labels: one text per image (PIL's default font), drawn in a band under each cell,
+        wrapped at spaces to the cell's width.
       pad: pixels between cells; background: grey level of the canvas.
     Returns:
       an RGB ``PIL.Image``.
@@ -391,9 +392,11 @@ def grid(images: Sequence, rows: int, cols: int, labels: Sequence[str] | None = 
     cw = max(a.shape[1] for a in arrays)
     font = ImageFont.load_default()
     band = 0
+    wrapped: list[str] = []
     if labels is not None:
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        band = max(probe.textbbox((0, 0), str(t) or " ", font=font)[3] for t in labels) + 4
+        wrapped = [_wrap_label(probe, str(t), font, cw - 2) for t in labels]
+        band = max(probe.multiline_textbbox((0, 0), t or " ", font=font)[3] for t in wrapped) + 4
     cell_h = ch + band
     canvas = Image.new("RGB", (cols * cw + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad),
                        (background,) * 3)
@@ -404,5 +407,17 @@ def grid(images: Sequence, rows: int, cols: int, labels: Sequence[str] | None = 
         x0, y0 = pad + c * (cw + pad), pad + r * (cell_h + pad)
         canvas.paste(Image.fromarray(a), (x0, y0))
         if labels is not None:
-            draw.text((x0 + 1, y0 + ch + 2), str(labels[i]), fill=ink, font=font)
+            draw.multiline_text((x0 + 1, y0 + ch + 2), wrapped[i], fill=ink, font=font)
     return canvas
+
+
+def _wrap_label(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a single word
+    wider than that keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)

@@ -329,13 +329,13 @@ def grounding_arrays(cfg: TrainConfig, ids: np.ndarray, progress: bool = True
     """Object masks float16 ``(N, K, 16, 16)`` and word positions int32 ``(N, K, R)`` of the
     cached samples (:func:`jattn.train.grounding.grounding_targets`), rendered once and
     kept in ``cache/grounding.npz`` (keyed by the cache's meta)."""
-    from jattn.train.grounding import grounding_targets
+    from jattn.train.grounding import ROLES, grounding_targets
 
     d = stage_dirs(cfg)["cache"]
     f = d / "grounding.npz"
     n = len(ids)
     key = json.dumps({"n": n, "seed": cfg.seed, "split": cfg.cache.split,
-                      "source": cfg.source}, sort_keys=True)
+                      "source": cfg.source, "roles": list(ROLES)}, sort_keys=True)
     if f.is_file():
         z = np.load(f)
         if str(z["key"]) == key:

@@ -36,11 +36,11 @@ def test_positions_follow_object_phrases(tok):
     ids = tokenize(tok, caps)
     pos = object_token_positions(ids, [2, 3], tok)
     assert pos.shape == (2, 3, len(ROLES))
-    assert _words_at(tok, ids[0], pos[0, 0]) == ["large", "red", "striped", "circle"]
-    assert _words_at(tok, ids[0], pos[0, 1]) == [None, "blue", None, "square"]
+    assert _words_at(tok, ids[0], pos[0, 0]) == ["large", "red", "striped", "circle", "left"]
+    assert _words_at(tok, ids[0], pos[0, 1]) == [None, "blue", None, "square", "top"]
     assert (pos[0, 2] == -1).all()  # no third object; the background's "striped" is not one
-    assert _words_at(tok, ids[1], pos[1, 0]) == ["small", "yellow", None, "triangle"]
-    assert _words_at(tok, ids[1], pos[1, 2]) == [None, "white", None, "ring"]
+    assert _words_at(tok, ids[1], pos[1, 0]) == ["small", "yellow", None, "triangle", None]
+    assert _words_at(tok, ids[1], pos[1, 2]) == [None, "white", None, "ring", None]
 
 
 def test_positions_raise_when_a_shape_noun_is_missing(tok):

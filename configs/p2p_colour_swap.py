@@ -10,6 +10,9 @@ Evaluation over 16 pairs x 4 seeds:
   python scripts/eval_p2p.py --pairs 16 --seeds 0 1 2 3 --out runs/eval_p2p.json
 Expected: the circle keeps its place and shape (mask IoU >= 0.8 between source and edit
 measured by the world detector) and takes the target colour.
+Measured (bundled weights v1, 64 edits = 16 pairs x 4 seeds, 50 steps, CFG 7.5): target
+colour 100 %, mask IoU mean 0.74 (>= 0.8 in 61 %); with --cross-steps 1.0 --self-steps 0.6
+mean 0.79 (>= 0.8 in 77 %).
 """
 
 

@@ -257,30 +257,25 @@ def make_diffusion_step(stage: DiffusionStageConfig, seed: int, empty_ids: tuple
                                 text_config=text_config, alphas_bar=abar, empty_ids=empty,
                                 caption_dropout=stage.caption_dropout, snr_gamma=stage.snr_gamma)
 
-    if not stage.grounding:
-        def step_fn(state, latents, token_ids):
-            key = _step_key(seed, _DIFFUSION_STREAM, state["step"])
-            return _optimizer_step(
-                state, lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key), tx,
-                schedule, stage.ema_decay)
+    policies: dict = {}  # grounding capture policy per (batch, latent side), built at trace
 
-        return jax.jit(step_fn, donate_argnums=0), tx
-
-    from jattn.train.grounding import grounding_policy
-
-    cache: dict = {}
-
-    def step_fn(state, latents, token_ids, masks, positions):
-        key = _step_key(seed, _DIFFUSION_STREAM, state["step"])
+    def grounding_terms(step, latents, masks, positions):
         b, h = latents.shape[0], latents.shape[1]
-        if (b, h) not in cache:
+        if (b, h) not in policies:
+            from jattn.train.grounding import grounding_policy
+
             pol = grounding_policy(unet_config, b, h)
-            cache[b, h] = (pol, {s.path: s.resolution for s in pol.sites})
-        pol, sites_res = cache[b, h]
-        on = (state["step"] >= stage.grounding_from_step).astype(jnp.float32)
-        g = {"policy": pol, "sites_res": sites_res, "masks": masks, "positions": positions,
-             "token_weight": on * stage.grounding_token_weight,
-             "pixel_weight": on * stage.grounding_pixel_weight}
+            policies[b, h] = (pol, {s.path: s.resolution for s in pol.sites})
+        pol, sites_res = policies[b, h]
+        on = (step >= stage.grounding_from_step).astype(jnp.float32)
+        return {"policy": pol, "sites_res": sites_res, "masks": masks, "positions": positions,
+                "token_weight": on * stage.grounding_token_weight,
+                "pixel_weight": on * stage.grounding_pixel_weight}
+
+    def step_fn(state, latents, token_ids, *grounding_batch):
+        key = _step_key(seed, _DIFFUSION_STREAM, state["step"])
+        g = (grounding_terms(state["step"], latents, *grounding_batch)
+             if stage.grounding else None)
         return _optimizer_step(
             state, lambda p: loss_fn(p, latents=latents, token_ids=token_ids, key=key,
                                      grounding=g), tx, schedule, stage.ema_decay)

@@ -169,8 +169,14 @@ def p2p_policy(
     # value of the same compiled program instead of changing its structure.
     f0, f1 = p2p_text._window(self_replace_steps, "self_replace_steps")
     if self_res and f1 > f0:
+        # maps captured at the replaced sites must be the materialised, pre-edit ones;
+        # otherwise replace the targets' queries and keys (same maps, fused attention)
+        captured_self = bool(capture and capture_resolutions
+                             and set(self_res) & {tuple(r) if isinstance(r, (tuple, list)) else (r, r)
+                                                 for r in capture_resolutions})
         rules.append((Select(kind="self", resolutions=self_res),
-                      SelfReplace(window=jnp.asarray([s0, s1], jnp.int32))))
+                      SelfReplace(window=jnp.asarray([s0, s1], jnp.int32),
+                                  via_qkv=not captured_self)))
     policies = [resolve(rules, sites, layout=layout, record_post_edit=reference_quirks)]
     if blend_words:
         res = _blend_resolution(sites, (lat_h, lat_w), blend_resolution)

@@ -111,18 +111,34 @@ class SelfReplace(Op):
 
     Attributes:
       window: int32 ``(2,)`` steps.
+      via_qkv: static; give the targets the source's queries and keys instead of editing
+        materialised probabilities: ``softmax(q_src k_src^T) v_target`` is the same
+        product, and the site keeps the fused attention path (no ``T × T`` map). Then
+        maps recorded at the same site show the targets' edited maps, so leave it False
+        when self-attention is also captured there.
     """
 
     window: Array
+    via_qkv: bool = struct.field(pytree_node=False, default=False)
 
-    needs_probs = True
+    @property
+    def needs_probs(self) -> bool:
+        return not self.via_qkv
+
+    def _to_source(self, ctx: SiteContext, x: Array) -> Array:
+        parts = _cond_split(ctx, x)
+        cond = parts[-1]
+        new = jnp.where(in_window(ctx.step, self.window),
+                        jnp.broadcast_to(cond[:, :1], cond.shape), cond)
+        return ctx.layout.merge(parts.at[-1].set(new))
+
+    def qkv(self, ctx: SiteContext, q: Array, k: Array, v: Array):
+        if not self.via_qkv:
+            return q, k, v
+        return self._to_source(ctx, q), self._to_source(ctx, k), v
 
     def edit_probs(self, ctx: SiteContext, p: Array) -> Array:
-        x = _cond_split(ctx, p)
-        cond = x[-1]
-        base = cond[:, :1]
-        new = jnp.where(in_window(ctx.step, self.window), jnp.broadcast_to(base, cond.shape), cond)
-        return ctx.layout.merge(x.at[-1].set(new))
+        return p if self.via_qkv else self._to_source(ctx, p)
 
 
 def _map_grid(t: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

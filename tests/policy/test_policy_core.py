@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -388,3 +389,25 @@ def test_p2p_edit_retraces_on_new_structure(tiny_pipe):
     n = tiny_pipe.trace_counts["sample"]
     edit(tiny_pipe, "a red circle", ["a blue circle", "a blue square"], seed=0, **P2P_BASE)
     assert tiny_pipe.trace_counts["sample"] == n + 1
+
+
+def test_self_replace_via_queries_and_keys_equals_replacing_maps(tiny_pipe):
+    """P2P self replacement done by handing the targets the source's queries and keys (the
+    fused path) gives the same edit as replacing the materialised maps."""
+    from jattn.methods.p2p import p2p_policy
+    from jattn.methods.p2p_ops import SelfReplace
+    prompts = ["a red circle", "a blue circle", "a green circle"]
+    pol = p2p_policy(tiny_pipe, prompts[0], prompts[1:], num_steps=3, self_max_tokens=64,
+                     self_replace_steps=(0.0, 0.7))
+    ops = [o for o in pol.ops if isinstance(o, SelfReplace)]
+    assert ops and all(o.via_qkv and not o.needs_probs for o in ops)
+    maps_pol = dataclasses.replace(pol, ops=tuple(
+        dataclasses.replace(o, via_qkv=False) if isinstance(o, SelfReplace) else o
+        for o in pol.ops))
+    kw = dict(num_inference_steps=3, guidance_scale=7.5, seed=0)
+    a = tiny_pipe.generate(prompts, policy=pol, **kw)
+    b = tiny_pipe.generate(prompts, policy=maps_pol, **kw)
+    # fused and materialised softmax differ by float rounding only (every row, source too)
+    np.testing.assert_allclose(a.latents, b.latents, rtol=0, atol=1e-5 * np.abs(b.latents).max())
+    c = tiny_pipe.generate(prompts, **kw)  # and the replacement did something
+    assert np.abs(a.latents[1:] - c.latents[1:]).max() > 1e-3

@@ -109,6 +109,12 @@ class DiffusionStageConfig:
         (:mod:`jattn.train.grounding`; world source only); 0 and 0 disable them.
       grounding_from_step: the grounding losses count from this step on (0: from the
         start).
+      prediction_type: what the UNet predicts, ``"epsilon"`` (SD1.x) or ``"v_prediction"``
+        (Salimans & Ho 2022; SD2.x); written into the exported scheduler config.
+      rescale_betas_zero_snr: rescale the betas to zero terminal SNR (Lin et al. 2024,
+        "Common Diffusion Noise Schedules and Sample Steps are Flawed", alg. 1), so x_T
+        holds no trace of the image and the layout must come from the text; use with
+        v-prediction. The export then samples with ``"trailing"`` timesteps.
     """
 
     unet: tuple = ()
@@ -131,6 +137,8 @@ class DiffusionStageConfig:
     grounding_token_weight: float = 0.0
     grounding_pixel_weight: float = 0.0
     grounding_from_step: int = 0
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
 
     @property
     def grounding(self) -> bool:

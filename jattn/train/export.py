@@ -51,9 +51,12 @@ def model_index() -> dict:
 
 
 def ddim_scheduler_config(*, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                          beta_end: float = 0.012, beta_schedule: str = "scaled_linear") -> dict:
+                          beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
+                          prediction_type: str = "epsilon",
+                          rescale_betas_zero_snr: bool = False) -> dict:
     """SD1.x's ``scheduler_config.json`` (DDIM, epsilon prediction, ``steps_offset`` 1,
-    ``set_alpha_to_one`` False, ``clip_sample`` False)."""
+    ``set_alpha_to_one`` False, ``clip_sample`` False); with ``rescale_betas_zero_snr``
+    the timesteps are ``"trailing"`` (Lin et al. 2024: sampling must start at t = T-1)."""
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -65,9 +68,9 @@ def ddim_scheduler_config(*, num_train_timesteps: int = 1000, beta_start: float 
         "clip_sample": False,
         "set_alpha_to_one": False,
         "steps_offset": 1,
-        "prediction_type": "epsilon",
-        "timestep_spacing": "leading",
-        "rescale_betas_zero_snr": False,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "trailing" if rescale_betas_zero_snr else "leading",
+        "rescale_betas_zero_snr": bool(rescale_betas_zero_snr),
     }
 
 

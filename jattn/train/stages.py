@@ -451,7 +451,8 @@ def export(cfg: TrainConfig, out: str | Path | None = None, *, force: bool = Fal
         text_params=ema["text_encoder"],
         scheduler_config=ddim_scheduler_config(
             num_train_timesteps=st.num_train_timesteps, beta_start=st.beta_start,
-            beta_end=st.beta_end, beta_schedule=st.beta_schedule),
+            beta_end=st.beta_end, beta_schedule=st.beta_schedule,
+            prediction_type=st.prediction_type, rescale_betas_zero_snr=st.rescale_betas_zero_snr),
         tokenizer_src=BUNDLED_TOKENIZER_DIR)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     _log(f"export: step {step} -> {out} ({total / 2**20:.1f} MiB; "

@@ -167,29 +167,41 @@ def alphas_cumprod(stage: DiffusionStageConfig) -> np.ndarray:
     """``prod(1 - beta)`` over the training timesteps, float64 ``(num_train_timesteps,)``.
 
     ``scaled_linear`` (SD): ``beta = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``;
-    ``linear``: ``linspace(beta_start, beta_end, T)``.
+    ``linear``: ``linspace(beta_start, beta_end, T)``. With ``rescale_betas_zero_snr`` the
+    sampler's own rescaled schedule (:mod:`jattn.sampling.schedulers`), so training and
+    sampling use the same alpha_bar (the last one 0).
     Raises:
       ValueError: another schedule name.
     """
     t = stage.num_train_timesteps
+    if stage.beta_schedule not in ("scaled_linear", "linear"):
+        raise ValueError(f"beta_schedule {stage.beta_schedule!r}: use scaled_linear or linear")
+    if stage.rescale_betas_zero_snr:
+        from jattn.sampling import schedulers as sch
+
+        cfg = sch.SchedulerConfig(kind="ddim", num_train_timesteps=t, beta_start=stage.beta_start,
+                                  beta_end=stage.beta_end, beta_schedule=stage.beta_schedule,
+                                  rescale_betas_zero_snr=True)
+        return sch._alphas_cumprod(cfg).astype(np.float64)
     if stage.beta_schedule == "scaled_linear":
         betas = np.linspace(stage.beta_start ** 0.5, stage.beta_end ** 0.5, t, dtype=np.float64) ** 2
-    elif stage.beta_schedule == "linear":
-        betas = np.linspace(stage.beta_start, stage.beta_end, t, dtype=np.float64)
     else:
-        raise ValueError(f"beta_schedule {stage.beta_schedule!r}: use scaled_linear or linear")
+        betas = np.linspace(stage.beta_start, stage.beta_end, t, dtype=np.float64)
     return np.cumprod(1.0 - betas)
 
 
 def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
                    text_config: clip_lib.CLIPTextConfig, latents: Array, token_ids: Array,
                    key: Array, *, alphas_bar: Array, empty_ids: Array, caption_dropout: float,
-                   snr_gamma: float, grounding: dict | None = None) -> tuple[Array, dict]:
-    """Epsilon-prediction loss of latent diffusion (Ho et al. 2020; Rombach et al. 2022).
+                   snr_gamma: float, grounding: dict | None = None,
+                   prediction_type: str = "epsilon") -> tuple[Array, dict]:
+    """Epsilon- or v-prediction loss of latent diffusion (Ho et al. 2020; Rombach et al.
+    2022; v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022).
 
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with t uniform over the training
     timesteps; loss ``mean_b w_t * mean_{hwc} (eps_theta(x_t, t, c) - eps)^2`` where
-    ``w_t = min(SNR_t, gamma) / SNR_t`` (Min-SNR-gamma) or 1 when ``snr_gamma == 0``.
+    ``w_t = min(SNR_t, gamma) / SNR_t`` (Min-SNR-gamma; ``/ (SNR_t + 1)`` for v-prediction,
+    finite at zero terminal SNR) or 1 when ``snr_gamma == 0``.
     A caption is replaced by the empty prompt's ids with probability ``caption_dropout``.
 
     Args:
@@ -218,10 +230,17 @@ def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
     policy = None if grounding is None else grounding["policy"]
     eps, aux = unet_lib.UNet2DConditionModel(unet_config).apply(
         {"params": params["unet"]}, x_t, t.astype(jnp.float32), context, policy=policy)
-    per_sample = jnp.mean(jnp.square(eps - noise), axis=(1, 2, 3))  # (B,)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r}: use epsilon or v_prediction")
+    per_sample = jnp.mean(jnp.square(eps - target), axis=(1, 2, 3))  # (B,)
     if snr_gamma:
         snr = alphas_bar[t] / (1.0 - alphas_bar[t])
-        weight = jnp.minimum(snr, snr_gamma) / snr
+        denom = snr + 1.0 if prediction_type == "v_prediction" else snr
+        weight = jnp.minimum(snr, snr_gamma) / denom
     else:
         weight = jnp.ones_like(per_sample)
     loss = jnp.mean(weight * per_sample)
@@ -255,7 +274,8 @@ def make_diffusion_step(stage: DiffusionStageConfig, seed: int, empty_ids: tuple
     empty = jnp.asarray(empty_ids, jnp.int32)
     loss_fn = functools.partial(diffusion_loss, unet_config=unet_config,
                                 text_config=text_config, alphas_bar=abar, empty_ids=empty,
-                                caption_dropout=stage.caption_dropout, snr_gamma=stage.snr_gamma)
+                                caption_dropout=stage.caption_dropout, snr_gamma=stage.snr_gamma,
+                                prediction_type=stage.prediction_type)
 
     policies: dict = {}  # grounding capture policy per (batch, latent side), built at trace
 

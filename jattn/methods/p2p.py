@@ -168,15 +168,16 @@ def p2p_policy(
     # the rounded step window: a window that rounds to no step (0.4 of 2 steps) stays a
     # value of the same compiled program instead of changing its structure.
     f0, f1 = p2p_text._window(self_replace_steps, "self_replace_steps")
+    self_capture = (Select(kind="self", resolutions=tuple(capture_resolutions))
+                    if capture and capture_resolutions else None)
     if self_res and f1 > f0:
+        replaced = Select(kind="self", resolutions=self_res)
         # maps captured at the replaced sites must be the materialised, pre-edit ones;
-        # otherwise replace the targets' queries and keys (same maps, fused attention)
-        captured_self = bool(capture and capture_resolutions
-                             and set(self_res) & {tuple(r) if isinstance(r, (tuple, list)) else (r, r)
-                                                 for r in capture_resolutions})
-        rules.append((Select(kind="self", resolutions=self_res),
-                      SelfReplace(window=jnp.asarray([s0, s1], jnp.int32),
-                                  via_qkv=not captured_self)))
+        # elsewhere replace the targets' queries and keys (same maps, fused attention)
+        captured = self_capture is not None and any(
+            replaced.matches(s) and self_capture.matches(s) for s in sites)
+        rules.append((replaced, SelfReplace(window=jnp.asarray([s0, s1], jnp.int32),
+                                            via_qkv=not captured)))
     policies = [resolve(rules, sites, layout=layout, record_post_edit=reference_quirks)]
     if blend_words:
         res = _blend_resolution(sites, (lat_h, lat_w), blend_resolution)
@@ -192,8 +193,8 @@ def p2p_policy(
                                 layout=layout, record_post_edit=reference_quirks))
     if capture:
         rules = [(Select(kind="cross"), Capture())]
-        if capture_resolutions:
-            rules.append((Select(kind="self", resolutions=tuple(capture_resolutions)), Capture()))
+        if self_capture is not None:
+            rules.append((self_capture, Capture()))
         policies.append(resolve(rules, sites, layout=layout, record_post_edit=reference_quirks))
     return compose(*policies)
 

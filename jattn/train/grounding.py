@@ -24,7 +24,7 @@ Source: Wang et al., "TokenCompose: Text-to-Image Diffusion with Token-level Sup
 than a segmenter, every cross-attention resolution is used, and the pixel loss is on the
 raw probabilities (no per-map rescaling).
 
-Legend: B batch, K object slots (3), R grounded roles (4), T query tokens, S key tokens.
+Legend: B batch, K object slots (3), R grounded roles (5), T query tokens, S key tokens.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _first_ids(tokenizer, words: Sequence[str]) -> dict[int, str]:
 
 def object_token_positions(ids: np.ndarray, num_objects: Sequence[int], tokenizer,
                            k_slots: int = 3) -> np.ndarray:
-    """Token positions of each object's size/colour/fill/shape word in tokenized captions.
+    """Token positions of each object's size/colour/fill/shape/position word in tokenized
+    captions.
 
     The world writes an object as ``[article] [size] [colour] [fill] shape [position]`` and
     objects in order, so walking the tokens, attribute words belong to the current object,
@@ -163,18 +164,17 @@ def grounding_loss(aux: Mapping[str, dict], sites_res: Mapping[str, tuple[int, i
     """
     b, k, m, _ = masks.shape
     r = positions.shape[-1]
-    valid = (positions >= 0) & keep[:, None, None]  # (B, K, R)
+    wv = ((positions >= 0) & keep[:, None, None]).astype(jnp.float32)  # (B, K, R)
     flat_pos = jnp.clip(positions, 0).reshape(b, k * r)
-    wv = valid.reshape(b, k * r).astype(jnp.float32)
     n_valid = jnp.maximum(wv.sum(), 1.0)
     tok_l, pix_l = [], []
     for path, rec in aux.items():
         probs = rec["0"]["probs"].astype(jnp.float32)  # (B, T, S)
         h, w = sites_res[path]
         mk = masks.astype(jnp.float32).reshape(b, k, h, m // h, w, m // w).mean((3, 5))
-        mk = jnp.repeat(mk.reshape(b, k, 1, h * w), r, axis=2).reshape(b, k * r, h * w)
+        mk = mk.reshape(b, k, 1, h * w)  # broadcast over the R roles
         a = jnp.take_along_axis(probs, flat_pos[:, None, :], axis=2)  # (B, T, K·R)
-        a = jnp.swapaxes(a, 1, 2)  # (B, K·R, T)
+        a = jnp.swapaxes(a, 1, 2).reshape(b, k, r, h * w)  # (B, K, R, T)
         inside = jnp.sum(a * mk, -1) / (jnp.sum(a, -1) + eps)
         tok_l.append(jnp.sum(wv * jnp.square(1.0 - inside)) / n_valid)
         p = jnp.clip(a, eps, 1.0 - eps)

@@ -396,13 +396,12 @@ def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bo
     n = len(latents)
     extra: tuple = ()
     if st.grounding:
-        extra = grounding_arrays(cfg, ids, progress=progress)
+        masks, positions = grounding_arrays(cfg, ids, progress=progress)
+        extra = (masks.astype(np.float32), positions)
 
     def batch_fn(step):
         idx = np.sort(data_lib.epoch_batch_indices(n, st.batch_size, step, cfg.seed))
-        return (latents[idx], ids[idx]) + tuple(np.asarray(e[idx], np.float32)
-                                                if e.dtype == np.float16 else e[idx]
-                                                for e in extra)
+        return (latents[idx], ids[idx]) + tuple(e[idx] for e in extra)
 
     _, finished = run_steps(
         name="unet", state=state, step_fn=step_fn, batch_fn=batch_fn, total_steps=st.steps,

@@ -94,8 +94,9 @@ def get_config(arg: str | None = None) -> TrainConfig:
                                mse_weight=0.1, kl_weight=1e-6, ema_decay=0.999,
                                scale_images=2048, eval_images=256),
             cache=CacheStageConfig(num_samples=32_000, chunk=1000, split="train"),
-            diffusion=DiffusionStageConfig(
-                unet=freeze(UNET), text_encoder=freeze(TEXT), batch_size=32, steps=12000,
+            # phase 1 of stage C: epsilon prediction on SD's scaled_linear schedule
+            diffusion_pretrain=DiffusionStageConfig(
+                unet=freeze(UNET), text_encoder=freeze(TEXT), batch_size=32, steps=9750,
                 lr=5e-4, warmup_steps=200, lr_schedule="constant", weight_decay=0.01,
                 grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0,
                 # TokenCompose grounding of each object's words (jattn/train/grounding.py);
@@ -104,6 +105,14 @@ def get_config(arg: str | None = None) -> TrainConfig:
                 # at step 2500 (positions were at chance level there)
                 grounding_token_weight=0.02, grounding_pixel_weight=0.002,
                 grounding_from_step=2000),
+            # phase 2: from phase 1's EMA, v-prediction on the zero-terminal-SNR schedule
+            # (Lin et al. 2024): x_T no longer leaks the layout, so it must come from the text
+            diffusion=DiffusionStageConfig(
+                unet=freeze(UNET), text_encoder=freeze(TEXT), batch_size=32, steps=10000,
+                lr=5e-4, warmup_steps=200, lr_schedule="constant", weight_decay=0.01,
+                grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, snr_gamma=5.0,
+                grounding_token_weight=0.02, grounding_pixel_weight=0.002,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True),
         )
     if arg == "tiny":
         return TrainConfig(

@@ -42,11 +42,14 @@ def _status(cfg) -> None:
     else:
         n = len(list((d["cache"] / "chunks").glob("?????.npz"))) if (d["cache"] / "chunks").is_dir() else 0
         print(f"cache:  {n} chunks of {cfg.cache.chunk}")
-    s = StageCheckpoints(d["diffusion"] / "ckpt").latest_step() if (d["diffusion"] / "ckpt").is_dir() else None
-    print(f"unet:   step {s or 0}/{cfg.diffusion.steps}")
-    m = d["diffusion"] / "metrics.jsonl"
-    if m.is_file() and m.read_text().strip():
-        print("        last metrics:", m.read_text().strip().splitlines()[-1])
+    phases = [("diffusion_pretrain", cfg.diffusion_pretrain)] if cfg.diffusion_pretrain else []
+    for name, st in phases + [("diffusion", cfg.diffusion)]:
+        ck = d[name] / "ckpt"
+        s = StageCheckpoints(ck).latest_step() if ck.is_dir() else None
+        print(f"unet:   {name} step {s or 0}/{st.steps} ({st.prediction_type})")
+        m = d[name] / "metrics.jsonl"
+        if m.is_file() and m.read_text().strip():
+            print("        last metrics:", m.read_text().strip().splitlines()[-1])
     rec = d["export_record"]
     print("export:", rec.read_text().strip() if rec.is_file() else "not yet")
 

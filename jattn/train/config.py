@@ -103,7 +103,8 @@ class DiffusionStageConfig:
         (SD's scaled_linear 0.00085 to 0.012 over 1000 steps).
       snr_gamma: Min-SNR-gamma loss weighting ``min(SNR, gamma) / SNR`` for epsilon
         prediction (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-        Strategy"); 0 disables it (plain MSE).
+        Strategy"), ``min(SNR + 1, gamma) / (SNR + 1)`` for v-prediction; 0 disables it
+        (plain MSE).
       grounding_token_weight, grounding_pixel_weight: weights of the TokenCompose token
         and pixel losses on the cross-attention of each object's words
         (:mod:`jattn.train.grounding`; world source only); 0 and 0 disable them.
@@ -161,6 +162,9 @@ class TrainConfig:
         number of checkpoints kept per stage.
       log_every: steps between metrics lines.
       vae, cache, diffusion: the three stages.
+      diffusion_pretrain: None, or a first phase of stage C (same models) whose final EMA
+        weights start ``diffusion``, e.g. epsilon prediction on SD's schedule followed by a
+        zero-terminal-SNR v-prediction fine-tune (Lin et al. 2024).
     """
 
     seed: int = 0
@@ -174,6 +178,7 @@ class TrainConfig:
     vae: VAEStageConfig = VAEStageConfig()
     cache: CacheStageConfig = CacheStageConfig()
     diffusion: DiffusionStageConfig = DiffusionStageConfig()
+    diffusion_pretrain: DiffusionStageConfig | None = None
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)

@@ -5,7 +5,10 @@ stage    output (under ``workdir``)              done when
 =======  =====================================  ==========================================
 vae      ``vae/final/`` config + weights + eval   ``vae/final/config.json`` exists
 cache    ``cache/latents.npy``, ``ids.npy`` …    ``cache/meta.json`` matches the config
-unet     ``diffusion/ckpt/<step>/``               the newest checkpoint is the last step
+unet     ``diffusion_pretrain/ckpt/<step>/``      (only with ``diffusion_pretrain``) the
+         then ``diffusion/ckpt/<step>/``          newest checkpoint of each phase is its
+                                                  last step; the second phase starts from
+                                                  the first one's EMA weights
 export   ``export_dir`` (diffusers layout)        ``export.json`` names the same step
 =======  =====================================  ==========================================
 
@@ -36,7 +39,7 @@ from jattn.models import vae as vae_lib
 from jattn.train import data as data_lib
 from jattn.train import steps as steps_lib
 from jattn.train.checkpointing import StageCheckpoints
-from jattn.train.config import TrainConfig
+from jattn.train.config import DiffusionStageConfig, TrainConfig
 from jattn.train.export import ddim_scheduler_config, write_diffusers_folder
 from jattn.train.loop import StopFlag, run_steps
 
@@ -51,7 +54,7 @@ def _log(msg: str) -> None:
 def stage_dirs(cfg: TrainConfig) -> dict[str, Path]:
     w = Path(cfg.workdir)
     return {"vae": w / "vae", "cache": w / "cache", "diffusion": w / "diffusion",
-            "export_record": w / "export.json"}
+            "diffusion_pretrain": w / "diffusion_pretrain", "export_record": w / "export.json"}
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
@@ -313,9 +316,10 @@ def _empty_ids(cfg: TrainConfig) -> tuple[int, ...]:
                                           max_length=tcfg.max_position_embeddings)[0])
 
 
-def diffusion_state_like(cfg: TrainConfig):
-    """The abstract (shape/dtype) train state of stage C, for restoring checkpoints."""
-    st = cfg.diffusion
+def diffusion_state_like(cfg: TrainConfig, st: DiffusionStageConfig | None = None):
+    """The abstract (shape/dtype) train state of stage C (phase ``st``, default
+    ``cfg.diffusion``), for restoring checkpoints."""
+    st = st or cfg.diffusion
     _, tx = steps_lib.make_diffusion_step(st, cfg.seed, _empty_ids(cfg))
     tcfg = steps_lib.text_config_of(st)
     params = {"unet": unet_lib.param_shapes(steps_lib.unet_config_of(st)),
@@ -368,31 +372,73 @@ def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bo
     """Stage C: UNet and text encoder jointly on the latent cache (or on given arrays:
     ``latents`` float32 ``(N, h, w, C)``, ``ids`` int32 ``(N, 77)``).
 
-    Returns True when the last step is checkpointed, False when stopped early.
+    With ``cfg.diffusion_pretrain`` the stage has two phases: the pretraining phase in
+    ``workdir/diffusion_pretrain``, then ``cfg.diffusion`` in ``workdir/diffusion``
+    starting from the pretraining phase's final EMA weights (fresh optimizer, step 0), as
+    when a model is fine-tuned to another parametrisation (Lin et al. 2024, sec. 3.2).
+    Returns True when the last step of the last phase is checkpointed, False when stopped
+    early.
+    Raises:
+      ValueError: the two phases' models differ.
     """
-    d = stage_dirs(cfg)["diffusion"]
-    st = cfg.diffusion
-    ckpts = StageCheckpoints(d / "ckpt", cfg.keep_checkpoints)
-    if (ckpts.latest_step() or 0) >= st.steps:
-        _log(f"diffusion: done (step {ckpts.latest_step()}); skipping")
-        ckpts.close()
+    dirs = stage_dirs(cfg)
+    pre = cfg.diffusion_pretrain
+    if pre is not None and (pre.unet, pre.text_encoder) != (cfg.diffusion.unet,
+                                                           cfg.diffusion.text_encoder):
+        raise ValueError("diffusion_pretrain must train the same unet and text_encoder "
+                         "as diffusion; change one to match the other")
+    if _diffusion_done(cfg, cfg.diffusion, dirs["diffusion"]):
         return True
     if latents is None:
-        c = stage_dirs(cfg)["cache"]
+        c = dirs["cache"]
         latents = np.load(c / "latents.npy")
         ids = np.load(c / "ids.npy")
     latents = np.ascontiguousarray(latents, np.float32)
     ids = np.ascontiguousarray(ids, np.int32)
+    init = functools.partial(init_diffusion_params, cfg)
+    if pre is not None:
+        d_pre = dirs["diffusion_pretrain"]
+        if not _diffusion_done(cfg, pre, d_pre):
+            if not _diffusion_phase(cfg, pre, d_pre, init, stop, progress, latents, ids):
+                return False
+        init = functools.partial(_final_ema, cfg, pre, d_pre)
+    return _diffusion_phase(cfg, cfg.diffusion, dirs["diffusion"], init, stop, progress,
+                            latents, ids)
+
+
+def _diffusion_done(cfg: TrainConfig, st: DiffusionStageConfig, d: Path) -> bool:
+    ckpts = StageCheckpoints(d / "ckpt", cfg.keep_checkpoints)
+    step = ckpts.latest_step() or 0
+    ckpts.close()
+    if step >= st.steps:
+        _log(f"{d.name}: done (step {step}); skipping")
+        return True
+    return False
+
+
+def _final_ema(cfg: TrainConfig, st: DiffusionStageConfig, d: Path) -> dict:
+    ckpts = StageCheckpoints(d / "ckpt", cfg.keep_checkpoints)
+    step = ckpts.latest_step()
+    state = ckpts.restore(diffusion_state_like(cfg, st), step)
+    ckpts.close()
+    _log(f"diffusion: starting from the EMA weights of {d.name} step {step}")
+    return jax.device_get(state["ema"])
+
+
+def _diffusion_phase(cfg: TrainConfig, st: DiffusionStageConfig, d: Path, init_params,
+                     stop, progress: bool, latents: np.ndarray, ids: np.ndarray) -> bool:
+    ckpts = StageCheckpoints(d / "ckpt", cfg.keep_checkpoints)
     step_fn, tx = steps_lib.make_diffusion_step(st, cfg.seed, _empty_ids(cfg))
     if ckpts.latest_step() is not None:
-        state = ckpts.restore(diffusion_state_like(cfg))
-        _log(f"diffusion: resumed from step {int(state['step'])}")
+        state = ckpts.restore(diffusion_state_like(cfg, st))
+        _log(f"{d.name}: resumed from step {int(state['step'])}")
     else:
-        state = steps_lib.init_state(init_diffusion_params(cfg), tx)
+        state = steps_lib.init_state(init_params(), tx)
     n_u = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]["unet"]))
     n_t = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]["text_encoder"]))
-    _log(f"diffusion: UNet {n_u / 1e6:.2f}M + text encoder {n_t / 1e6:.2f}M params, "
-         f"{len(latents)} samples, {st.steps} steps of batch {st.batch_size}")
+    _log(f"{d.name}: UNet {n_u / 1e6:.2f}M + text encoder {n_t / 1e6:.2f}M params, "
+         f"{len(latents)} samples, {st.steps} steps of batch {st.batch_size}, "
+         f"{st.prediction_type}{', zero terminal SNR' if st.rescale_betas_zero_snr else ''}")
     n = len(latents)
     extra: tuple = ()
     if st.grounding:

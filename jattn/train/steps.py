@@ -200,8 +200,11 @@ def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
 
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with t uniform over the training
     timesteps; loss ``mean_b w_t * mean_{hwc} (eps_theta(x_t, t, c) - eps)^2`` where
-    ``w_t = min(SNR_t, gamma) / SNR_t`` (Min-SNR-gamma; ``/ (SNR_t + 1)`` for v-prediction,
-    finite at zero terminal SNR) or 1 when ``snr_gamma == 0``.
+    ``w_t = min(SNR_t, gamma) / SNR_t`` (Min-SNR-gamma, Hang et al. 2023) or 1 when
+    ``snr_gamma == 0``. For v-prediction ``w_t = min(SNR_t + 1, gamma) / (SNR_t + 1)``, the
+    form of diffusers' ``train_text_to_image.py`` before v0.21 (v-loss = (SNR + 1) x_0-loss):
+    at zero terminal SNR the last timestep, the one that must read the layout from the
+    text alone, keeps weight 1 (``min(SNR, gamma) / (SNR + 1)`` would give it 0).
     A caption is replaced by the empty prompt's ids with probability ``caption_dropout``.
 
     Args:
@@ -239,8 +242,9 @@ def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
     per_sample = jnp.mean(jnp.square(eps - target), axis=(1, 2, 3))  # (B,)
     if snr_gamma:
         snr = alphas_bar[t] / (1.0 - alphas_bar[t])
-        denom = snr + 1.0 if prediction_type == "v_prediction" else snr
-        weight = jnp.minimum(snr, snr_gamma) / denom
+        if prediction_type == "v_prediction":
+            snr = snr + 1.0
+        weight = jnp.minimum(snr, snr_gamma) / snr
     else:
         weight = jnp.ones_like(per_sample)
     loss = jnp.mean(weight * per_sample)

@@ -52,6 +52,7 @@ def cmd_generate(args) -> int:
         guidance_scale=args.guidance_scale,
         scheduler=args.scheduler,
         eta=args.eta,
+        guidance_rescale=args.guidance_rescale,
         seed=args.seed,
         height=args.height,
         width=args.width,
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="default: the checkpoint's scheduler")
     g.add_argument("--eta", type=float, default=None, help="DDIM eta (>= 0)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="CFG rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR "
+                        "models; default 0 = plain CFG)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)

@@ -213,7 +213,7 @@ class Pipeline:
         key = ("sample", do_cfg, aux_fns)
         if key not in self._cache:
             def run(params, schedule, latents, cond, uncond, gs, keys, policy, uncond_steps,
-                    guidance):
+                    guidance, gr):
                 self._count("sample")
                 aux_init = aux_update = callback = None
                 if aux_fns is not None:
@@ -226,7 +226,7 @@ class Pipeline:
                     self.unet_fn(params), schedule, latents, cond,
                     uncond if do_cfg else None, gs, keys, policy=policy, aux_init=aux_init,
                     aux_update=aux_update, callback=callback, uncond_per_step=uncond_steps,
-                    guidance=guidance)
+                    guidance=guidance, guidance_rescale=gr)
 
             self._cache[key] = jax.jit(run)
         return self._cache[key]
@@ -250,6 +250,7 @@ class Pipeline:
         uncond_embeds: jax.Array | None = None,
         uncond_per_step: jax.Array | None = None,
         guidance: Any = None,
+        guidance_rescale: float = 0.0,
         decode: bool = True,
     ) -> GenerateOutput:
         """Generate images, one per prompt.
@@ -273,13 +274,19 @@ class Pipeline:
             (null-text inversion).
           guidance: :class:`jattn.sampling.guidance.Guidance`: a loss on recorded attention,
             a gradient step on the latents inside the loop.
+          guidance_rescale: phi in [0, 1] (diffusers' ``guidance_rescale``; Lin et al. 2024
+            suggest 0.7 for zero-terminal-SNR models): CFG output rescaled towards the
+            conditional output's standard deviation; 0 (default) is plain CFG.
           decode: decode latents to images (else ``images`` is None).
         Returns:
           :class:`GenerateOutput`.
         Raises:
           ValueError: prompts over 77 tokens, sizes not multiples of 8, latents of the wrong
-            shape, negative prompts of the wrong count.
+            shape, negative prompts of the wrong count, guidance_rescale outside [0, 1].
         """
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale}: must be in [0, 1] "
+                             "(0 = plain CFG; 0.7 is Lin et al.'s value).")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
         height = height or self.default_size
@@ -336,7 +343,7 @@ class Pipeline:
                                                  NamedSharding(mesh, P(None, "data")))
             unet_params = self._replicated(mesh)
         final, aux = fn(unet_params, schedule, x, cond, uncond, gs, keys, policy,
-                        uncond_per_step, guidance)
+                        uncond_per_step, guidance, jnp.asarray(guidance_rescale, jnp.float32))
         images = self.decode(final) if decode else None
         return GenerateOutput(images=images,
                               latents=np.asarray(final, np.float32).transpose(0, 3, 1, 2),

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ap.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (default 5)")
+    ap.add_argument("--guidance-rescale", type=float, default=0.0,
+                    help="CFG rescale phi (Lin et al. 2024; default 0)")
     ap.add_argument("--scheduler", default="ddim", help="ddim (default), ddpm, euler, dpm++2m")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="seeds; each prompt runs once per seed (default 0 1 2)")
@@ -78,11 +80,11 @@ def main(argv=None) -> int:
                    seeds=args.seeds, num_inference_steps=args.steps,
                    guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                    batch_size=args.batch, threshold=args.threshold, heatmap_mode=args.heatmap,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, guidance_rescale=args.guidance_rescale)
     wall = time.time() - t0
     s = res["settings"]
     print(f"model {s['model']}  {s['scheduler']} {s['num_inference_steps']} steps, guidance "
-          f"{s['guidance_scale']}, seeds {s['seeds']}, batch {s['batch_size']}, "
+          f"{s['guidance_scale']} (rescale {s['guidance_rescale']}), seeds {s['seeds']}, batch {s['batch_size']}, "
           f"{len(res['records'])} images in {wall:.0f} s (load {t_load:.1f} s)")
     print(res["table"])
     if args.out:

@@ -35,7 +35,8 @@ def jpipe(tiny_dir):
     return jattn.load(tiny_dir)
 
 
-def _diffusers_generate(folder, prompts, latents, steps, scheduler, guidance, negative=None):
+def _diffusers_generate(folder, prompts, latents, steps, scheduler, guidance, negative=None,
+                        guidance_rescale=0.0):
     import torch
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            StableDiffusionPipeline)
@@ -48,7 +49,7 @@ def _diffusers_generate(folder, prompts, latents, steps, scheduler, guidance, ne
     with torch.no_grad():
         lat = pipe(prompts, negative_prompt=negative, latents=torch.from_numpy(latents),
                    num_inference_steps=steps, guidance_scale=guidance,
-                   output_type="latent").images
+                   guidance_rescale=guidance_rescale, output_type="latent").images
         img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample
         img = pipe.image_processor.postprocess(img, output_type="np")
     return lat.numpy(), (img * 255).round().astype(np.uint8)
@@ -78,6 +79,31 @@ def test_sd2_style_v_prediction_matches_diffusers(tmp_path):
     out = jattn.load(tmp_path).generate(PROMPTS[:1], num_inference_steps=4, guidance_scale=5.0,
                                         scheduler="ddim", latents=latents)
     assert np.abs(out.latents - ref_lat).max() <= 1e-4 * max(1.0, np.abs(ref_lat).max())
+
+
+def test_zero_snr_v_prediction_with_guidance_rescale_matches_diffusers(tmp_path):
+    """Zero-terminal-SNR v-prediction (rescaled betas, trailing timesteps) with CFG rescale
+    phi = 0.7 (Lin et al. 2024) gives diffusers' latents; phi changes the result.
+
+    Would break if the rescale used another axis set or sign, were applied before CFG, or
+    if the zero-SNR schedule or trailing spacing differed from diffusers'.
+    """
+    pipe = _tiny_diffusers_pipeline(seed=4, sd2=True)
+    pipe.scheduler = pipe.scheduler.__class__.from_config(
+        pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    latents = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ref_lat, _ = _diffusers_generate(tmp_path, PROMPTS, latents, 4, "ddim", 6.0,
+                                     guidance_rescale=0.7)
+    jp = jattn.load(tmp_path)
+    out = jp.generate(PROMPTS, num_inference_steps=4, guidance_scale=6.0, scheduler="ddim",
+                      latents=latents, guidance_rescale=0.7)
+    assert np.abs(out.latents - ref_lat).max() <= 1e-4 * max(1.0, np.abs(ref_lat).max())
+    plain = jp.generate(PROMPTS, num_inference_steps=4, guidance_scale=6.0, scheduler="ddim",
+                        latents=latents)
+    assert np.abs(plain.latents - ref_lat).max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        jp.generate(PROMPTS, guidance_rescale=1.5)
 
 
 def test_batch_equals_single(jpipe):

@@ -42,6 +42,13 @@ def _step_keys(keys: Array, i: Array) -> Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys)
 
 
+def _rescale_cfg(out: Array, cond_out: Array, phi: Array) -> Array:
+    """Guidance rescale (Lin et al. 2024, eq. 15-16): per sample, over (h, w, C)."""
+    axes = tuple(range(1, out.ndim))
+    ratio = jnp.std(cond_out, axis=axes, keepdims=True) / jnp.std(out, axis=axes, keepdims=True)
+    return jnp.where(phi > 0, phi * out * ratio + (1.0 - phi) * out, out)
+
+
 def sample(
     unet_fn: UNetFn,
     schedule: sch.Schedule,
@@ -57,6 +64,7 @@ def sample(
     callback: Callable[[dict], dict] | None = None,
     uncond_per_step: Array | None = None,
     guidance: Any = None,
+    guidance_rescale: Array | float = 0.0,
 ) -> tuple[Array, Any]:
     """Run the denoising loop. Pure; call it under ``jax.jit``.
 
@@ -79,6 +87,11 @@ def sample(
         inversion); overrides ``uncond``.
       guidance: a :class:`jattn.sampling.guidance.Guidance` (attention loss, gradient step
         on the latents before each denoising step where its step size is non-zero).
+      guidance_rescale: phi in [0, 1], traced: the CFG output is rescaled to the standard
+        deviation (over h, w, C) of the conditional output and mixed back,
+        ``phi * cfg * std(cond) / std(cfg) + (1 - phi) * cfg`` (Lin et al. 2024, sec. 3.4,
+        against over-exposure of zero-terminal-SNR models; diffusers' ``guidance_rescale``,
+        ``rescale_noise_cfg``); 0 leaves CFG as is.
     Returns:
       ``(final latents (B, h, w, C), aggregated aux)``.
     """
@@ -86,6 +99,7 @@ def sample(
     gs = jnp.asarray(guidance_scale, jnp.float32)
     if gs.ndim == 1:
         gs = gs[:, None, None, None]
+    gr = jnp.asarray(guidance_rescale, jnp.float32)
     n = schedule.timesteps.shape[0]
     b = latents.shape[0]
     latents = latents.astype(jnp.float32)  # the carry stays float32 whatever the UNet dtype
@@ -116,6 +130,7 @@ def sample(
         if do_cfg:
             e_u, e_c = eps[:b], eps[b:]
             eps = e_u + gs * (e_c - e_u)
+            eps = _rescale_cfg(eps, e_c, gr)
         x_new, state, x0 = sch.step(schedule, state, eps, i, x, key=_step_keys(keys, i))
         if aux_update is not None:
             acc = aux_update(acc, aux, i)

@@ -506,7 +506,8 @@ def capture_policy(pipe, batch_size: int, *, cfg: bool = True, size: int = IMAGE
 def generate_with_capture(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
                           batch_size: int = 8, num_inference_steps: int = 50,
                           guidance_scale: float = 5.0, scheduler: str = "ddim",
-                          size: int = IMAGE_SIZE, progress: bool = True):
+                          size: int = IMAGE_SIZE, progress: bool = True,
+                          guidance_rescale: float = 0.0):
     """Generate one image per (prompt, seed) job in fixed-size batches, capturing
     cross-attention.
 
@@ -547,7 +548,7 @@ def generate_with_capture(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
                             num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, scheduler=scheduler,
                             seed=[int(seeds[j]) for j in idx_padded], height=size, width=size,
-                            policy=policy)
+                            policy=policy, guidance_rescale=guidance_rescale)
         maps = captured_maps(out.aux[0])
         for r, j in enumerate(idx):
             yield j, out.images[r], {k: v[r] for k, v in maps.items()}
@@ -560,14 +561,15 @@ def generate_with_capture(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
 def evaluate(pipe, *, n_single: int = 40, n_two: int = 40, seeds: Sequence[int] = (0, 1, 2),
              num_inference_steps: int = 50, guidance_scale: float = 5.0,
              scheduler: str = "ddim", batch_size: int = 8, threshold: float | str = 0.5,
-             heatmap_mode: str = "highest", progress: bool = True) -> dict:
+             heatmap_mode: str = "highest", progress: bool = True,
+             guidance_rescale: float = 0.0) -> dict:
     """Generate every evaluation prompt with every seed and measure it (module docstring).
 
     Args:
       pipe: a :class:`jattn.pipeline.Pipeline` (images generated at 128², the world's size).
       n_single, n_two: numbers of single- and two-object prompts.
       seeds: seeds; every prompt is generated once per seed (seed s for every prompt).
-      num_inference_steps, guidance_scale, scheduler: sampling settings.
+      num_inference_steps, guidance_scale, scheduler, guidance_rescale: sampling settings.
       batch_size: prompts per pipeline call (fixed: one compiled program).
       threshold, heatmap_mode: the headline attention setting (every mode × {0.5, otsu, and
         ``threshold``} is recorded too).
@@ -601,7 +603,8 @@ def evaluate(pipe, *, n_single: int = 40, n_two: int = 40, seeds: Sequence[int] 
     gen = generate_with_capture(
         pipe, [prompts[i].text for i, _ in jobs], [s for _, s in jobs], batch_size=batch_size,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        scheduler=scheduler, size=IMAGE_SIZE, progress=progress)
+        scheduler=scheduler, size=IMAGE_SIZE, progress=progress,
+        guidance_rescale=guidance_rescale)
     for j, image, maps in gen:
         i, seed = jobs[j]
         p = prompts[i]
@@ -620,7 +623,8 @@ def evaluate(pipe, *, n_single: int = 40, n_two: int = 40, seeds: Sequence[int] 
         "table": format_table(summary),
         "settings": {
             "model": getattr(pipe, "source", ""), "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "scheduler": scheduler, "seeds": seeds,
+            "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
+            "scheduler": scheduler, "seeds": seeds,
             "batch_size": batch_size, "threshold": threshold, "heatmap_mode": heatmap_mode,
             "attention_setting": setting, "image_size": IMAGE_SIZE,
             "cross_resolutions": sorted(resolutions, key=lambda k: -math.prod(_resolution(k))),

@@ -46,6 +46,7 @@ def _rescale_cfg(out: Array, cond_out: Array, phi: Array) -> Array:
     """Guidance rescale (Lin et al. 2024, eq. 15-16): per sample, over (h, w, C)."""
     axes = tuple(range(1, out.ndim))
     ratio = jnp.std(cond_out, axis=axes, keepdims=True) / jnp.std(out, axis=axes, keepdims=True)
+    # where: phi = 0 stays exactly plain CFG, also where std(out) = 0 makes the ratio inf
     return jnp.where(phi > 0, phi * out * ratio + (1.0 - phi) * out, out)
 
 

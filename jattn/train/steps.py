@@ -202,7 +202,7 @@ def diffusion_loss(params, unet_config: unet_lib.UNetConfig,
     timesteps; loss ``mean_b w_t * mean_{hwc} (eps_theta(x_t, t, c) - eps)^2`` where
     ``w_t = min(SNR_t, gamma) / SNR_t`` (Min-SNR-gamma, Hang et al. 2023) or 1 when
     ``snr_gamma == 0``. For v-prediction ``w_t = min(SNR_t + 1, gamma) / (SNR_t + 1)``, the
-    form of diffusers' ``train_text_to_image.py`` before v0.21 (v-loss = (SNR + 1) x_0-loss):
+    form of earlier diffusers ``train_text_to_image.py`` (v-loss = (SNR + 1) x_0-loss):
     at zero terminal SNR the last timestep, the one that must read the layout from the
     text alone, keeps weight 1 (``min(SNR, gamma) / (SNR + 1)`` would give it 0).
     A caption is replaced by the empty prompt's ids with probability ``caption_dropout``.

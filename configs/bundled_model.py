@@ -44,8 +44,10 @@ Expected result (2-core CPU shared with other jobs; s/step measured at load ~2-5
                      5000    0.96        0.83      0.52        0.33     0.55
                      7000    0.93        0.87      0.59        0.50     0.68
                      10000   0.90        0.88      0.61        0.53     0.70
+                     11250   0.875       0.86      0.61        0.54     0.71
                    top/bottom/center are right in 100 % at step 10000; left/right in
-                   70 % (single) / 57 % (two-object): the remaining gap, still closing.
+                   70 % (single) / 57 % (two-object): the remaining gap (two-object flat
+                   from 10000 to 11250; 120 images move a figure by about +-0.03).
                    Continuing (steps raised to 16000; constant lr, so exact) until the
                    two-object target (0.70) is met, then it becomes bundled weights v2.
   export           22.7 MB folder (text encoder 10.8 MiB with a float16 token embedding,

@@ -385,7 +385,9 @@ def summarize(records: Sequence[dict], *, setting: str = "highest@0.5") -> dict:
       when records carry no "count_ok"), n_images, by_pair (color_shape_acc per held-out
       pair); two: both_correct (both objects found, every stated attribute right),
       exact_acc (and no extra detection), count_acc, color_acc/shape_acc/position_acc (per object),
-      n_images; attention (single-object images): for ``setting``
+      n_images; both also have by_position ``{asked phrase: {"acc", "n", "detected":
+      {detected phrase or "none": count}}}`` over the objects that state a position (a
+      confusion table: e.g. "on the left" read as "on the right"); attention (single-object images): for ``setting``
       iou_color, iou_shape, iou_mean (mean of the two), n (images with the object
       detected), and ``settings``: the same for every setting recorded; attention_two: the
       same over both objects of two-object images; targets: ``{figure: {"target",
@@ -423,6 +425,23 @@ def summarize(records: Sequence[dict], *, setting: str = "highest@0.5") -> dict:
         "shape_acc": _mean(o["shape_ok"] for r in two for o in r["objects"]),
         "position_acc": _mean(o["position_ok"] for r in two for o in r["objects"]),
     }
+
+    def by_position(rs):
+        out: dict = {}
+        for r in rs:
+            for o in r["objects"]:
+                if o.get("position") is None or o.get("position_ok") is None:
+                    continue
+                e = out.setdefault(o["position"], {"ok": [], "detected": {}})
+                e["ok"].append(bool(o["position_ok"]))
+                got = (o.get("detection") or {}).get("position") or "none"
+                e["detected"][got] = e["detected"].get(got, 0) + 1
+        return {p: {"acc": float(np.mean(e["ok"])), "n": len(e["ok"]),
+                    "detected": dict(sorted(e["detected"].items()))}
+                for p, e in sorted(out.items(), key=lambda kv: POSITIONS.index(kv[0]))}
+
+    s["by_position"] = by_position(single)
+    t["by_position"] = by_position(two)
 
     def attention(rs):
         ious = [o["iou"] for r in rs for o in r["objects"] if o.get("iou")]
@@ -477,6 +496,10 @@ def format_table(summary: dict) -> str:
         row("two", "color_acc", "per object: colour"),
         row("two", "shape_acc", "per object: shape"),
         row("two", "position_acc", "per object: position"),
+        "position by phrase (single / per object in two-object prompts)",
+        *(f"  {p:<44}{_fmt(s['by_position'].get(p, {}).get('acc'))} / "
+          f"{_fmt(t['by_position'].get(p, {}).get('acc'))}"
+          for p in POSITIONS if p in s["by_position"] or p in t["by_position"]),
         f"cross-attention IoU, single-object ({a['n']} detected objects, {a['setting']})",
         row("attention", "iou_color", "colour token"),
         row("attention", "iou_shape", "shape token"),

@@ -9,6 +9,7 @@ compiled sampler for every batch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -127,6 +128,30 @@ def test_swapped_binding_is_wrong():
     summ = ev.summarize(recs)["two"]
     assert summ["both_correct"] == 0.0 and summ["exact_acc"] == 0.0
     assert summ["color_acc"] == 1.0
+
+
+def test_position_confusion_by_phrase():
+    """Two-object prompts drawn with the objects' positions swapped ("A on the left and B
+    on the right" → A on the right, B on the left): by_position reads every left as right
+    and every top as bottom, while correct single-object images score 1 per phrase (breaks
+    if the table counted the asked phrase, or pooled the phrases)."""
+    flip = {"on the left": "on the right", "on the right": "on the left",
+            "at the top": "at the bottom", "at the bottom": "at the top"}
+    recs = [_record(s, render(s, seed=k).image, "single") for k, s in enumerate(SINGLE)]
+    for k, s in enumerate(TWO):
+        drawn = SceneSpec(tuple(dataclasses.replace(o, position=flip[o.position])
+                                for o in s.objects))
+        recs.append(_record(s, render(drawn, seed=k).image, "two"))
+    summ = ev.summarize(recs)
+    single, two = summ["single"]["by_position"], summ["two"]["by_position"]
+    assert set(single) == {o.position for s in SINGLE for o in s.objects}
+    assert all(v["acc"] == 1.0 and v["detected"] == {p: v["n"]} for p, v in single.items())
+    asked = [o.position for s in TWO for o in s.objects]
+    assert set(two) == set(asked)
+    for p, v in two.items():
+        assert v["acc"] == 0.0 and v["n"] == asked.count(p)
+        assert v["detected"] == {flip[p]: v["n"]}
+    assert "position by phrase" in ev.format_table(summ)
 
 
 def test_missing_object_is_not_found():

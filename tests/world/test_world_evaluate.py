@@ -332,3 +332,35 @@ def test_evaluate_smoke_on_tiny_pipeline(tiny_sd_dir, tmp_path):
     assert o["iou"] is None or set(o["iou"]) == {"highest@0.5", "highest@otsu", "all@0.5",
                                                  "all@otsu"}
     json.dumps(res)  # JSON-serialisable as is
+
+
+def test_diag_positions_script_on_tiny_pipeline(tiny_sd_dir, tmp_path, capsys):
+    """scripts/diag_positions.py on the tiny random pipeline (1 object, 1 seed): prints a
+    5×5 distance table with a zero diagonal and a row per position phrase, and writes one
+    row of 5 one-step images (breaks if the position word is not found in the tokens, or
+    the script drifts from the pipeline's API)."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    from jattn.world.spec import POSITIONS
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "diag_positions.py"
+    spec = importlib.util.spec_from_file_location("diag_positions", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "grid.png"
+    mod.main(["--model", str(tiny_sd_dir), "--objects", "a red circle", "--seeds", "0",
+              "--out", str(out)])
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines()]
+    rows = [r for r in rows if " ".join(r[:3]) in POSITIONS]
+    dist = [r for r in rows if len(r) == 8]  # phrase (3 words) + 5 distances
+    assert [" ".join(r[:3]) for r in dist] == list(POSITIONS)
+    d = np.array([[float(x) for x in r[3:]] for r in dist])
+    assert np.allclose(np.diag(d), 0.0) and np.allclose(d, d.T, atol=0.02) and (d > 0).sum() == 20
+    onestep = [r for r in rows if len(r) == 5]
+    assert [" ".join(r[:3]) for r in onestep] == list(POSITIONS)
+    w, h = Image.open(out).size
+    assert w == 5 * h

@@ -42,8 +42,7 @@ def _status(cfg) -> None:
     else:
         n = len(list((d["cache"] / "chunks").glob("?????.npz"))) if (d["cache"] / "chunks").is_dir() else 0
         print(f"cache:  {n} chunks of {cfg.cache.chunk}")
-    phases = [("diffusion_pretrain", cfg.diffusion_pretrain)] if cfg.diffusion_pretrain else []
-    for name, st in phases + [("diffusion", cfg.diffusion)]:
+    for name, st in cfg.diffusion_phases:
         ck = d[name] / "ckpt"
         s = StageCheckpoints(ck).latest_step() if ck.is_dir() else None
         print(f"unet:   {name} step {s or 0}/{st.steps} ({st.prediction_type})")

@@ -112,6 +112,12 @@ class DiffusionStageConfig:
         start).
       prediction_type: what the UNet predicts, ``"epsilon"`` (SD1.x) or ``"v_prediction"``
         (Salimans & Ho 2022; SD2.x); written into the exported scheduler config.
+      reinit_text_layers: when the phase starts from a previous phase's EMA weights,
+        re-initialise the text encoder's transformer layers and final layer norm (as a
+        fresh run would), keeping its token and position embeddings and the UNet. Layers
+        that learned to ignore a distinction the UNet needs (the bundled run's
+        "on the left" / "on the right", see configs/bundled_model.py) lose that
+        invariance; the UNet re-reads the new context within a few hundred steps.
       rescale_betas_zero_snr: rescale the betas to zero terminal SNR (Lin et al. 2024,
         "Common Diffusion Noise Schedules and Sample Steps are Flawed", alg. 1), so x_T
         holds no trace of the image and the layout must come from the text; use with
@@ -140,6 +146,7 @@ class DiffusionStageConfig:
     grounding_from_step: int = 0
     prediction_type: str = "epsilon"
     rescale_betas_zero_snr: bool = False
+    reinit_text_layers: bool = False
 
     @property
     def grounding(self) -> bool:
@@ -162,9 +169,11 @@ class TrainConfig:
         number of checkpoints kept per stage.
       log_every: steps between metrics lines.
       vae, cache, diffusion: the three stages.
-      diffusion_pretrain: None, or a first phase of stage C (same models) whose final EMA
-        weights start ``diffusion``, e.g. epsilon prediction on SD's schedule followed by a
-        zero-terminal-SNR v-prediction fine-tune (Lin et al. 2024).
+      diffusion_pretrain: None, a phase of stage C, or a tuple of phases (same models),
+        trained in order before ``diffusion``; each later phase starts from the previous
+        phase's final EMA weights, e.g. epsilon prediction on SD's schedule followed by a
+        zero-terminal-SNR v-prediction fine-tune (Lin et al. 2024). Folders:
+        ``diffusion_pretrain``, ``diffusion_pretrain_2``, …, then ``diffusion``.
     """
 
     seed: int = 0
@@ -178,10 +187,19 @@ class TrainConfig:
     vae: VAEStageConfig = VAEStageConfig()
     cache: CacheStageConfig = CacheStageConfig()
     diffusion: DiffusionStageConfig = DiffusionStageConfig()
-    diffusion_pretrain: DiffusionStageConfig | None = None
+    diffusion_pretrain: DiffusionStageConfig | tuple[DiffusionStageConfig, ...] | None = None
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def diffusion_phases(self) -> tuple[tuple[str, DiffusionStageConfig], ...]:
+        """``((folder name, phase), ...)`` of stage C in training order, ``cfg.diffusion``
+        last (in ``"diffusion"``)."""
+        pre = self.diffusion_pretrain
+        pre = () if pre is None else (pre,) if isinstance(pre, DiffusionStageConfig) else pre
+        names = ["diffusion_pretrain" + ("" if i == 0 else f"_{i + 1}") for i in range(len(pre))]
+        return tuple(zip(names, pre)) + (("diffusion", self.diffusion),)
 
 
 def load_config(spec: str | os.PathLike) -> TrainConfig:

@@ -5,10 +5,10 @@ stage    output (under ``workdir``)              done when
 =======  =====================================  ==========================================
 vae      ``vae/final/`` config + weights + eval   ``vae/final/config.json`` exists
 cache    ``cache/latents.npy``, ``ids.npy`` …    ``cache/meta.json`` matches the config
-unet     ``diffusion_pretrain/ckpt/<step>/``      (only with ``diffusion_pretrain``) the
+unet     ``diffusion_pretrain[_2…]/ckpt/<step>/``  (only with ``diffusion_pretrain``) the
          then ``diffusion/ckpt/<step>/``          newest checkpoint of each phase is its
-                                                  last step; the second phase starts from
-                                                  the first one's EMA weights
+                                                  last step; each later phase starts from
+                                                  the previous one's EMA weights
 export   ``export_dir`` (diffusers layout)        ``export.json`` names the same step
 =======  =====================================  ==========================================
 
@@ -53,8 +53,9 @@ def _log(msg: str) -> None:
 
 def stage_dirs(cfg: TrainConfig) -> dict[str, Path]:
     w = Path(cfg.workdir)
-    return {"vae": w / "vae", "cache": w / "cache", "diffusion": w / "diffusion",
-            "diffusion_pretrain": w / "diffusion_pretrain", "export_record": w / "export.json"}
+    return {"vae": w / "vae", "cache": w / "cache",
+            **{name: w / name for name, _ in cfg.diffusion_phases},
+            "export_record": w / "export.json"}
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
@@ -372,21 +373,23 @@ def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bo
     """Stage C: UNet and text encoder jointly on the latent cache (or on given arrays:
     ``latents`` float32 ``(N, h, w, C)``, ``ids`` int32 ``(N, 77)``).
 
-    With ``cfg.diffusion_pretrain`` the stage has two phases: the pretraining phase in
-    ``workdir/diffusion_pretrain``, then ``cfg.diffusion`` in ``workdir/diffusion``
-    starting from the pretraining phase's final EMA weights (fresh optimizer, step 0), as
-    when a model is fine-tuned to another parametrisation (Lin et al. 2024, sec. 3.2).
+    With ``cfg.diffusion_pretrain`` the stage has several phases (``cfg.diffusion_phases``:
+    ``workdir/diffusion_pretrain``, ``…_2``, …, then ``cfg.diffusion`` in
+    ``workdir/diffusion``), each starting from the previous phase's final EMA weights
+    (fresh optimizer, step 0), as when a model is fine-tuned to another parametrisation
+    (Lin et al. 2024, sec. 3.2); a phase with ``reinit_text_layers`` re-initialises the
+    text encoder's transformer layers at its start.
     Returns True when the last step of the last phase is checkpointed, False when stopped
     early.
     Raises:
       ValueError: the two phases' models differ.
     """
     dirs = stage_dirs(cfg)
-    pre = cfg.diffusion_pretrain
-    if pre is not None and (pre.unet, pre.text_encoder) != (cfg.diffusion.unet,
-                                                           cfg.diffusion.text_encoder):
-        raise ValueError("diffusion_pretrain must train the same unet and text_encoder "
-                         "as diffusion; change one to match the other")
+    phases = cfg.diffusion_phases
+    for name, st in phases[:-1]:
+        if (st.unet, st.text_encoder) != (cfg.diffusion.unet, cfg.diffusion.text_encoder):
+            raise ValueError("diffusion_pretrain must train the same unet and text_encoder "
+                             "as diffusion; change one to match the other")
     if _diffusion_done(cfg, cfg.diffusion, dirs["diffusion"]):
         return True
     if latents is None:
@@ -396,14 +399,27 @@ def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bo
     latents = np.ascontiguousarray(latents, np.float32)
     ids = np.ascontiguousarray(ids, np.int32)
     init = functools.partial(init_diffusion_params, cfg)
-    if pre is not None:
-        d_pre = dirs["diffusion_pretrain"]
-        if not _diffusion_done(cfg, pre, d_pre):
-            if not _diffusion_phase(cfg, pre, d_pre, init, stop, progress, latents, ids):
+    for i, (name, st) in enumerate(phases):
+        if i and st.reinit_text_layers:
+            init = functools.partial(_with_fresh_text_layers, cfg, init)
+        if name == "diffusion" or not _diffusion_done(cfg, st, dirs[name]):
+            if not _diffusion_phase(cfg, st, dirs[name], init, stop, progress, latents, ids):
                 return False
-        init = functools.partial(_final_ema, cfg, pre, d_pre)
-    return _diffusion_phase(cfg, cfg.diffusion, dirs["diffusion"], init, stop, progress,
-                            latents, ids)
+        init = functools.partial(_final_ema, cfg, st, dirs[name])
+    return True
+
+
+def _with_fresh_text_layers(cfg: TrainConfig, init) -> dict:
+    """``init()`` with the text encoder's transformer layers and final layer norm replaced
+    by a fresh initialisation (token and position embeddings kept)."""
+    params = init()
+    fresh = jax.device_get(init_diffusion_params(cfg)["text_encoder"]["text_model"])
+    text = dict(params["text_encoder"]["text_model"])
+    for k in text:
+        if k != "embeddings":
+            text[k] = fresh[k]
+    _log("diffusion: text encoder layers re-initialised (embeddings kept)")
+    return {**params, "text_encoder": {**params["text_encoder"], "text_model": text}}
 
 
 def _diffusion_done(cfg: TrainConfig, st: DiffusionStageConfig, d: Path) -> bool:

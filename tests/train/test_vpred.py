@@ -96,6 +96,31 @@ def test_v_prediction_weight_is_one_at_zero_snr():
         np.testing.assert_allclose(float(loss), float(met["mse"]), rtol=1e-6)
 
 
+def _tiny_cfg(tmp_path):
+    return load_config(ROOT / "configs" / "bundled_model.py:tiny").replace(workdir=str(tmp_path))
+
+
+def _train_and_restore(cfg, tmp_path):
+    """Train stage C of ``cfg`` on 8 random latents with empty captions; returns
+    ``restore(folder, phase) -> state`` (host arrays) of each phase's newest checkpoint."""
+    import jax
+
+    from jattn.train.checkpointing import StageCheckpoints
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((8, 16, 16, 4)).astype(np.float32)
+    ids = np.tile(np.asarray(stages._empty_ids(cfg), np.int32), (8, 1))
+    assert stages.train_diffusion(cfg, progress=False, latents=latents, ids=ids)
+
+    def restore(sub, st):
+        ck = StageCheckpoints(tmp_path / sub / "ckpt")
+        state = jax.device_get(ck.restore(stages.diffusion_state_like(cfg, st)))
+        ck.close()
+        return state
+
+    return restore, latents, ids
+
+
 def test_v_prediction_phase_starts_from_the_pretrained_ema(tmp_path):
     """With ``diffusion_pretrain`` stage C trains the pretraining phase, then the main
     phase from its final EMA weights (here with lr 0, so they must come out unchanged);
@@ -106,24 +131,12 @@ def test_v_prediction_phase_starts_from_the_pretrained_ema(tmp_path):
     """
     import jax
 
-    cfg = load_config(ROOT / "configs" / "bundled_model.py:tiny").replace(workdir=str(tmp_path))
+    cfg = _tiny_cfg(tmp_path)
     pre = dataclasses.replace(cfg.diffusion, steps=3)
     main = dataclasses.replace(cfg.diffusion, steps=3, lr=0.0, weight_decay=0.0,
                                prediction_type="v_prediction", rescale_betas_zero_snr=True)
     cfg = cfg.replace(diffusion=main, diffusion_pretrain=pre)
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((8, 16, 16, 4)).astype(np.float32)
-    ids = np.tile(np.asarray(stages._empty_ids(cfg), np.int32), (8, 1))
-    assert stages.train_diffusion(cfg, progress=False, latents=latents, ids=ids)
-
-    from jattn.train.checkpointing import StageCheckpoints
-
-    def restore(sub, st):
-        ck = StageCheckpoints(tmp_path / sub / "ckpt")
-        state = jax.device_get(ck.restore(stages.diffusion_state_like(cfg, st)))
-        ck.close()
-        return state
-
+    restore, latents, ids = _train_and_restore(cfg, tmp_path)
     s_pre, s_main = restore("diffusion_pretrain", pre), restore("diffusion", main)
     assert int(s_pre["step"]) == 3 and int(s_main["step"]) == 3
     flat = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
@@ -137,3 +150,36 @@ def test_v_prediction_phase_starts_from_the_pretrained_ema(tmp_path):
 
     with pytest.raises(ValueError, match="diffusion_pretrain"):
         stages.train_diffusion(bad, progress=False, latents=latents, ids=ids)
+
+
+def test_three_phases_and_text_layer_reinit(tmp_path):
+    """A tuple of pretraining phases trains in ``diffusion_pretrain``,
+    ``diffusion_pretrain_2``, then ``diffusion``; a phase with ``reinit_text_layers``
+    (here lr 0) starts from the previous phase's EMA UNet and text embeddings, with the
+    text encoder's transformer layers and final norm of a fresh initialisation.
+
+    Would break if the phases shared a folder or skipped one, if the reinit touched the
+    UNet or the embeddings, or kept the trained layers.
+    """
+    import jax
+
+    cfg = _tiny_cfg(tmp_path)
+    p1 = dataclasses.replace(cfg.diffusion, steps=2)
+    p2 = dataclasses.replace(cfg.diffusion, steps=2, lr=2e-3)
+    p3 = dataclasses.replace(cfg.diffusion, steps=1, lr=0.0, weight_decay=0.0,
+                             reinit_text_layers=True)
+    cfg = cfg.replace(diffusion=p3, diffusion_pretrain=(p1, p2))
+    assert [n for n, _ in cfg.diffusion_phases] == ["diffusion_pretrain", "diffusion_pretrain_2",
+                                                    "diffusion"]
+    restore, _, _ = _train_and_restore(cfg, tmp_path)
+    s2, s3 = restore("diffusion_pretrain_2", p2), restore("diffusion", p3)
+    assert int(restore("diffusion_pretrain", p1)["step"]) == 2 and int(s2["step"]) == 2
+    fresh = jax.device_get(stages.init_diffusion_params(cfg)["text_encoder"]["text_model"])
+    eq = lambda a, b: all(np.array_equal(x, y) for x, y in zip(  # noqa: E731
+        jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    t2, t3 = s2["ema"]["text_encoder"]["text_model"], s3["params"]["text_encoder"]["text_model"]
+    assert eq(s3["params"]["unet"], s2["ema"]["unet"])
+    assert eq(t3["embeddings"], t2["embeddings"])
+    assert not eq(t2["encoder"], fresh["encoder"])  # phase 2 moved its layers …
+    assert eq(t3["encoder"], fresh["encoder"]) and eq(t3["final_layer_norm"],
+                                                      fresh["final_layer_norm"])

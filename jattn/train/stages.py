@@ -382,11 +382,11 @@ def train_diffusion(cfg: TrainConfig, stop: StopFlag | None = None, progress: bo
     Returns True when the last step of the last phase is checkpointed, False when stopped
     early.
     Raises:
-      ValueError: the two phases' models differ.
+      ValueError: a pretraining phase's models differ from ``cfg.diffusion``'s.
     """
     dirs = stage_dirs(cfg)
     phases = cfg.diffusion_phases
-    for name, st in phases[:-1]:
+    for _, st in phases[:-1]:
         if (st.unet, st.text_encoder) != (cfg.diffusion.unet, cfg.diffusion.text_encoder):
             raise ValueError("diffusion_pretrain must train the same unet and text_encoder "
                              "as diffusion; change one to match the other")

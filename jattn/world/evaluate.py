@@ -387,8 +387,8 @@ def summarize(records: Sequence[dict], *, setting: str = "highest@0.5") -> dict:
       exact_acc (and no extra detection), count_acc, color_acc/shape_acc/position_acc (per object),
       n_images; both also have by_position ``{asked phrase: {"acc", "n", "detected":
       {detected phrase or "none": count}}}`` over the objects that state a position (a
-      confusion table: e.g. "on the left" read as "on the right"); attention (single-object images): for ``setting``
-      iou_color, iou_shape, iou_mean (mean of the two), n (images with the object
+      confusion table: e.g. "on the left" read as "on the right"); attention
+      (single-object images): for ``setting`` iou_color, iou_shape, iou_mean (mean of the two), n (images with the object
       detected), and ``settings``: the same for every setting recorded; attention_two: the
       same over both objects of two-object images; targets: ``{figure: {"target",
       "value", "met"}}`` for :data:`TARGETS`.

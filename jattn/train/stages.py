@@ -290,9 +290,19 @@ def init_diffusion_params(cfg: TrainConfig) -> dict:
     if ucfg.cross_attention_dim != tcfg.hidden_size:
         raise ValueError(f"unet cross_attention_dim {ucfg.cross_attention_dim} != text "
                          f"encoder hidden_size {tcfg.hidden_size}")
-    k_u, k_t, k_e, k_p = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 303), 4)
-    unet = _zero_output_layers(unet_lib.init_params(ucfg, k_u))
-    return {"unet": unet, "text_encoder": _init_text_jit(tcfg, k_t, k_e, k_p)}
+    unet = _zero_output_layers(unet_lib.init_params(ucfg, _init_keys(cfg)[0]))
+    return {"unet": unet, "text_encoder": _fresh_text_params(cfg)}
+
+
+def _init_keys(cfg: TrainConfig) -> list:
+    """The PRNG keys (unet, text, token embedding, position embedding) of stage C's init."""
+    return jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 303), 4)
+
+
+def _fresh_text_params(cfg: TrainConfig) -> dict:
+    """The text encoder's initial params (those of :func:`init_diffusion_params`)."""
+    _, k_t, k_e, k_p = _init_keys(cfg)
+    return _init_text_jit(steps_lib.text_config_of(cfg.diffusion), k_t, k_e, k_p)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -413,7 +423,7 @@ def _with_fresh_text_layers(cfg: TrainConfig, init) -> dict:
     """``init()`` with the text encoder's transformer layers and final layer norm replaced
     by a fresh initialisation (token and position embeddings kept)."""
     params = init()
-    fresh = jax.device_get(init_diffusion_params(cfg)["text_encoder"]["text_model"])
+    fresh = jax.device_get(_fresh_text_params(cfg)["text_model"])
     text = dict(params["text_encoder"]["text_model"])
     for k in text:
         if k != "embeddings":

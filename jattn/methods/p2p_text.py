@@ -18,21 +18,13 @@ target's token positions with a mapper M of shape (S, S):
 ``'hpw,bwn->bhpn'``). Refinement gathers ``source[..., mapper]`` and blends with the
 target's own maps by ``alphas`` (0 for tokens with no source).
 
-Words. A prompt's words are ``prompt.split()`` (runs of whitespace separate words); a word
-given as a string matches a word of the prompt exactly (case and attached punctuation
-count, as in the reference: ``"cat"`` does not match ``"cat,"``), every occurrence. A
-word's tokens are found by tokenizing the word alone; CLIP's pre-tokenizer never joins
-characters across whitespace, so the prompt's tokens are the concatenation of its words'
-tokens (checked; a prompt where that fails raises).
+Words and their token positions come from :mod:`jattn.io.words` (``word_token_indices``
+is re-exported here): a prompt's words are ``prompt.split()``, a word matches exactly
+(case and attached punctuation count), every occurrence.
 
 Reference quirks (``reference_quirks=True`` reproduces them; default off):
 
-* ``get_word_inds`` splits on single spaces (``"a  cat"`` has an empty word 1, which the
-  reference credits with the next token) and assigns tokens to words by summing the
-  lengths of individually decoded tokens; a character CLIP splits into several byte
-  tokens (an emoji, "ß") decodes to one replacement character per token, so tokens shift
-  onto later words and the reference fails with ``IndexError`` at the end of the prompt.
-  An out-of-range or negative word index gives no positions instead of an error.
+* ``get_word_inds``' word splitting and token assignment (see :mod:`jattn.io.words`).
 * ``get_replacement_mapper_`` maps the tokens *after the last swapped word* by
   ``M[j, j] = 1`` (target position to the same source position) instead of following
   the alignment ``M[i, j] = 1``. When the swapped words have different token counts
@@ -57,6 +49,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from jattn.io.words import (is_index, prompt_ids, prompt_words, reference_word_inds,
+                            word_spans, word_token_indices)
+
 __all__ = [
     "word_token_indices",
     "replacement_mapper",
@@ -77,117 +72,6 @@ _GAP, _MATCH, _MISMATCH = 0, 1, -1
 # Traceback codes of the reference: 1 left (target token inserted), 2 up (source token
 # dropped), 3 diagonal (tokens paired), 4 origin.
 _LEFT, _UP, _DIAG, _STOP = 1, 2, 3, 4
-
-
-# ----------------------------------------------------------------------------- tokens
-
-
-def _encode(tokenizer, text: str, max_len: int) -> list[int]:
-    """Token ids of ``text`` with BOS and EOS, no padding; raise if longer than max_len."""
-    ids = list(tokenizer(text, padding=False, truncation=False)["input_ids"])
-    if len(ids) > max_len:
-        raise ValueError(
-            f"prompt {text[:60]!r}{'...' if len(text) > 60 else ''} has {len(ids)} tokens "
-            f"including BOS/EOS, more than max_len={max_len}; shorten it.")
-    return ids
-
-
-def _is_index(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _words(prompt: str, reference_quirks: bool) -> list[str]:
-    return prompt.split(" ") if reference_quirks else prompt.split()
-
-
-def _word_spans(tokenizer, prompt: str, max_len: int) -> list[np.ndarray]:
-    """Token positions (BOS = 0) of every word of ``prompt.split()``, in order."""
-    ids = _encode(tokenizer, prompt, max_len)
-    spans, pos, concat = [], 1, []
-    for w in prompt.split():
-        w_ids = _encode(tokenizer, w, max_len)[1:-1]
-        if not w_ids:
-            raise ValueError(f"word {w!r} of prompt {prompt!r} has no tokens")
-        spans.append(np.arange(pos, pos + len(w_ids), dtype=np.int32))
-        pos += len(w_ids)
-        concat += w_ids
-    if concat != ids[1:-1]:
-        raise ValueError(
-            f"the tokens of prompt {prompt!r} ({ids[1:-1]}) are not the concatenation of its "
-            f"words' tokens ({concat}); cannot assign tokens to words")
-    return spans
-
-
-def _reference_word_inds(tokenizer, prompt: str, word_place, max_len: int) -> np.ndarray:
-    """``ptp_utils.get_word_inds`` as the reference computes it (see the module quirks)."""
-    split_text = prompt.split(" ")
-    if isinstance(word_place, str):
-        places = {i for i, w in enumerate(split_text) if w == word_place}
-    else:
-        places = {int(word_place)}
-    out: list[int] = []
-    if places:
-        ids = _encode(tokenizer, prompt, max_len)[1:-1]
-        pieces = [tokenizer.decode([t], clean_up_tokenization_spaces=False).strip("#")
-                  for t in ids]
-        cur_len, ptr = 0, 0
-        for i, piece in enumerate(pieces):
-            cur_len += len(piece)
-            if ptr in places:
-                out.append(i + 1)
-            if ptr >= len(split_text):
-                raise ValueError(
-                    f"reference get_word_inds fails on prompt {prompt!r}: token {i + 1} "
-                    f"({piece!r}) falls past the last word (decoded token lengths do not add "
-                    "up to the words' lengths; the reference raises IndexError here). Use "
-                    "reference_quirks=False.")
-            if cur_len >= len(split_text[ptr]):
-                ptr += 1
-                cur_len = 0
-    return np.asarray(out, dtype=np.int32)
-
-
-def word_token_indices(tokenizer, prompt: str, word_or_index: str | int, *,
-                       max_len: int = MAX_LEN, reference_quirks: bool = False) -> np.ndarray:
-    """Token positions (BOS = 0) of a word of ``prompt``: ``ptp_utils.get_word_inds``.
-
-    Args:
-      tokenizer: from ``jattn.io.tokenizer.load_tokenizer``.
-      prompt: the prompt.
-      word_or_index: a word (str), matched exactly against the prompt's words, every
-        occurrence; or a word index (int) into the prompt's words (negative counts from
-        the end).
-      max_len: token budget of the text encoder, BOS/EOS included.
-      reference_quirks: split on single spaces and assign tokens to words by decoded
-        length, as the reference does (module docstring); an out-of-range index then gives
-        no positions instead of raising.
-
-    Returns:
-      int32 array (K,) of sorted positions; several per word when the word is several BPE
-      tokens (``"a photo of lasagne"``, ``"lasagne"`` → ``[4, 5]``); empty when the word
-      (str) does not occur.
-
-    Raises:
-      ValueError: an int index out of range (clean mode); the prompt is longer than
-        ``max_len`` tokens; its tokens cannot be assigned to words.
-    """
-    if not (isinstance(word_or_index, str) or _is_index(word_or_index)):
-        raise TypeError(f"word_or_index must be a str or an int, got {word_or_index!r}")
-    if reference_quirks:
-        return _reference_word_inds(tokenizer, prompt, word_or_index, max_len)
-    spans = _word_spans(tokenizer, prompt, max_len)
-    words = prompt.split()
-    if isinstance(word_or_index, str):
-        sel = [spans[k] for k, w in enumerate(words) if w == word_or_index]
-    else:
-        k = int(word_or_index)
-        if not -len(words) <= k < len(words):
-            raise ValueError(
-                f"word index {k} out of range for the {len(words)} words of prompt {prompt!r}")
-        sel = [spans[k]]
-    if not sel:
-        return np.zeros((0,), np.int32)
-    return np.concatenate(sel).astype(np.int32)
 
 
 # ----------------------------------------------------------------------- word swap
@@ -218,19 +102,19 @@ def replacement_mapper(tokenizer, source: str, target: str, max_len: int = MAX_L
       ValueError: the prompts have different numbers of words (message names both and
         says to use mode='refine'); a prompt is longer than ``max_len`` tokens.
     """
-    words_x = _words(source, reference_quirks)
-    words_y = _words(target, reference_quirks)
+    words_x = prompt_words(source, reference_quirks)
+    words_y = prompt_words(target, reference_quirks)
     if len(words_x) != len(words_y):
         raise ValueError(
             f"word swap (mode='replace') needs prompts with the same number of words, but "
             f"the source {source!r} has {len(words_x)} words and the target {target!r} has "
             f"{len(words_y)}; use mode='refine' for prompts of different lengths.")
-    _encode(tokenizer, source, max_len)  # length checks
-    _encode(tokenizer, target, max_len)
+    prompt_ids(tokenizer, source, max_len)  # length checks
+    prompt_ids(tokenizer, target, max_len)
     swapped = [k for k, (a, b) in enumerate(zip(words_x, words_y)) if a != b]
     if reference_quirks:
-        src = [_reference_word_inds(tokenizer, source, k, max_len) for k in swapped]
-        tgt = [_reference_word_inds(tokenizer, target, k, max_len) for k in swapped]
+        src = [reference_word_inds(tokenizer, source, k, max_len) for k in swapped]
+        tgt = [reference_word_inds(tokenizer, target, k, max_len) for k in swapped]
         for k, s, t in zip(swapped, src, tgt):
             if len(s) == 0 or len(t) == 0:
                 raise ValueError(
@@ -238,8 +122,8 @@ def replacement_mapper(tokenizer, source: str, target: str, max_len: int = MAX_L
                     "reference's word split (an empty word from repeated spaces?); the "
                     "reference raises IndexError here. Use reference_quirks=False.")
     else:
-        spans_x = _word_spans(tokenizer, source, max_len)
-        spans_y = _word_spans(tokenizer, target, max_len)
+        spans_x = word_spans(tokenizer, source, max_len)
+        spans_y = word_spans(tokenizer, target, max_len)
         src = [spans_x[k] for k in swapped]
         tgt = [spans_y[k] for k in swapped]
 
@@ -348,8 +232,8 @@ def refinement_mapper(tokenizer, source: str, target: str,
     Raises:
       ValueError: a prompt is longer than ``max_len`` tokens.
     """
-    x = _encode(tokenizer, source, max_len)
-    y = _encode(tokenizer, target, max_len)
+    x = prompt_ids(tokenizer, source, max_len)
+    y = prompt_ids(tokenizer, target, max_len)
     y_to_x = _global_align(x, y)
     mapper = np.arange(max_len, dtype=np.int32)
     mapper[: len(y)] = y_to_x
@@ -403,7 +287,7 @@ def equalizer(tokenizer, prompt: str, words: str | int | Sequence[str | int],
       ValueError: a word is not in the prompt (message names the word and the prompt);
         the number of values differs from the number of words.
     """
-    if isinstance(words, str) or _is_index(words):
+    if isinstance(words, str) or is_index(words):
         words = [words]
     words = list(words)
     if isinstance(values, numbers.Real):
@@ -419,7 +303,7 @@ def equalizer(tokenizer, prompt: str, words: str | int | Sequence[str | int],
         if len(inds) == 0:
             raise ValueError(
                 f"equalizer word {w!r} is not a word of prompt {prompt!r} (words: "
-                f"{_words(prompt, reference_quirks)}); words match exactly, punctuation "
+                f"{prompt_words(prompt, reference_quirks)}); words match exactly, punctuation "
                 "included")
         eq[inds] = v
     return eq
@@ -446,7 +330,7 @@ def _window(value, name: str) -> tuple[float, float]:
 
 
 def _check_steps(num_steps) -> int:
-    if not _is_index(num_steps) or num_steps < 1:
+    if not is_index(num_steps) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     return int(num_steps)
 
@@ -504,7 +388,7 @@ def cross_replace_alphas(prompts: Sequence[str], num_steps: int,
     for key in windows:
         if key == DEFAULT_KEY:
             continue
-        if not (isinstance(key, str) or _is_index(key)):
+        if not (isinstance(key, str) or is_index(key)):
             raise ValueError(f"cross_replace_steps key {key!r} must be {DEFAULT_KEY!r}, a "
                              "word (str) or a word index (int)")
         window = steps(key)

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jattn.io.words import word_token_indices
+
 __all__ = ["parse_key", "resize_bicubic", "cross_token_maps", "word_heatmaps",
            "token_heatmaps", "self_attention_pca", "colormap", "overlay", "grid"]
 
@@ -176,15 +178,13 @@ def word_heatmaps(maps: Mapping[str, np.ndarray], tokenizer, prompt: str,
       tokenizer: the pipeline's CLIP tokenizer.
       prompt: the prompt of image ``row``.
       words: words of ``prompt`` (exact match of ``prompt.split()`` items, every occurrence)
-        or word indices; see :func:`jattn.methods.p2p_text.word_token_indices`.
+        or word indices; see :func:`jattn.io.words.word_token_indices`.
       normalize: min-max normalise each word map to [0, 1].
     Returns:
       ``{word: float32 (H, W)}`` in the order given.
     Raises:
       ValueError: a word not in the prompt (names the prompt's words), bad maps/row.
     """
-    from jattn.methods.p2p_text import word_token_indices
-
     words = [words] if isinstance(words, str) else list(words)
     per_token = cross_token_maps(maps, row=row, size=size, resolutions=resolutions,
                                  skip_lowest=skip_lowest, weights=weights)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from jattn.io.tokenizer import load_tokenizer
-from jattn.methods.p2p_text import word_token_indices
+from jattn.io.words import word_token_indices
 from jattn.policy import analysis as an
 
 S = 77

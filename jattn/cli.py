@@ -2,66 +2,190 @@
 
   jattn generate [--model PATH_OR_ID] --prompt TEXT [--prompt TEXT …] --out-dir DIR
   jattn sites [--model PATH_OR_ID]
+  jattn edit p2p | invert | maps | run CONFIG | demo   (see jattn COMMAND --help)
+
+Every command writes ``DIR/000.png, 001.png, …`` (one per output image, in input order),
+``grid.png`` where there are several, and ``result.json`` (arguments, seeds, figures, the
+files written). An output folder must be empty or new; ``--overwrite`` replaces only
+jattn's own earlier outputs there. A user mistake prints one line on stderr naming the
+argument and the fix, with exit code 2 (``--debug`` or ``JATTN_DEBUG=1`` shows the
+traceback); Ctrl-C stops within about one UNet call, exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from jattn.io.images import save_images
+from jattn.io.outputs import OutputDir
 
 SCHEDULERS = ["ddim", "ddpm", "euler", "dpm++2m"]
+MAX_SEED = 2**32 - 1
+
+
+# ---------------------------------------------------------------------- parser and types
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``jattn CMD: error: …``) and exit code 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_type(lo: int | None = None, hi: int | None = None, what: str = "a whole number"):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"[{lo}, {hi}]" if hi is not None else f"≥ {lo}"
+            raise argparse.ArgumentTypeError(f"{v} is outside {rng}")
+        return v
+    return parse
+
+
+def _float_type(lo: float | None = None, hi: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"[{lo:g}, {hi:g}]" if hi is not None else f"≥ {lo:g}"
+            raise argparse.ArgumentTypeError(f"{v:g} is outside {rng}")
+        return v
+    return parse
+
+
+_STEPS = _int_type(1, 1000)
+_SEED = _int_type(0, MAX_SEED, "a seed (whole number)")
+_SIZE = _int_type(1, None, "a size in pixels")
+_GUIDANCE = _float_type(0.0)
+_FRACTION = _float_type(0.0, 1.0)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers-layout folder or Hugging Face hub id (default: bundled model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter/compute dtype (float16: GPU/TPU only, XLA on CPU has no "
+                        "float16 matrix products)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin/.ckpt pickle weights (unsafe; refused by default)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of errors (also JATTN_DEBUG=1)")
+
+
+def _add_out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-dir", required=True,
+                   help="output folder (must be empty or new, see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use a non-empty --out-dir: replace jattn's own earlier outputs there "
+                        "(the files its result.json lists); other files are never touched")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
-    """--steps, --guidance-scale, [--seed], --out-dir (shared by the method commands)."""
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    """--steps, --guidance-scale, [--seed], --out-dir, --overwrite (the method commands)."""
+    p.add_argument("--steps", type=_STEPS, default=50, help="denoising steps (1-1000)")
+    p.add_argument("--guidance-scale", type=_GUIDANCE, default=7.5,
+                   help="CFG scale ≥ 0 (CFG runs when > 1)")
     if seed:
-        p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", required=True)
+        p.add_argument("--seed", type=_SEED, default=0, help=f"in [0, {MAX_SEED}]")
+    _add_out_args(p)
+
+
+_PIPES: dict = {}
 
 
 def _load(args):
+    """The pipeline of ``--model``/``--dtype`` (loaded once per process)."""
     import jattn
 
-    return jattn.load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    key = (args.model, args.dtype, args.allow_pickle)
+    if key not in _PIPES:
+        if args.dtype == "float16":
+            import jax
+
+            if jax.default_backend() == "cpu":
+                raise ValueError("--dtype float16: XLA on CPU has no float16 matrix products; "
+                                 "use --dtype bfloat16 (same memory) or float32 on CPU.")
+        _PIPES[key] = jattn.load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    return _PIPES[key]
 
 
+def _check_size(args, pipe) -> None:
+    """--height/--width against the model (before any compute)."""
+    pipe._check_size(getattr(args, "height", None), getattr(args, "width", None),
+                     len(getattr(args, "prompt", None) or [1]))
+
+
+def _arguments(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
+
+
+def _grid(out: OutputDir, images, labels, name: str = "grid.png") -> None:
+    from jattn.policy.analysis import grid
+
+    out.image(name, grid(list(images), rows=1, cols=len(images), labels=labels))
+
+
+def _seed_of(args, n: int) -> list[int]:
+    from jattn.io.checks import seed_list
+
+    return seed_list(args.seed, n, "--seed")
+
+
+# ---------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
-    pipe = _load(args)
+    from jattn.io.checks import float_array
+
+    n = len(args.prompt)
+    seeds = _seed_of(args, n)
     latents = None
     if args.latents:
-        latents = np.load(args.latents).astype(np.float32)
-    out = pipe.generate(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-        eta=args.eta,
-        guidance_rescale=args.guidance_rescale,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        latents=latents,
-    )
-    paths = save_images(out.images, Path(args.out_dir))
+        latents = _load_npy(args.latents, "--latents")
+        latents = float_array(latents, "--latents",
+                              hint=" Expected float32 (B, C, h, w) unscaled noise (.npy).")
+    out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.latents])
+    out.reserve(*OutputDir.image_names(n), *(["grid.png"] if n > 1 else []))
+    pipe = _load(args)
+    _check_size(args, pipe)
+    t0 = time.perf_counter()
+    res = pipe.generate(
+        args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, eta=args.eta,
+        guidance_rescale=args.guidance_rescale, seed=seeds, height=args.height,
+        width=args.width, latents=latents)
+    seconds = time.perf_counter() - t0
+    paths = out.images(res.images)
+    if n > 1:
+        _grid(out, res.images, args.prompt)
+    out.finish(dict(command="generate", arguments=_arguments(args), seeds=seeds,
+                    model=pipe.source, seconds=seconds))
     for p, prompt in zip(paths, args.prompt):
         print(f"{p}\t{prompt}")
     return 0
+
+
+def _load_npy(path: str, arg: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{arg} {path!r}: no such file.")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{arg} {path!r}: not a readable .npy array ({e}); save one with "
+                         "numpy.save(path, array.astype(numpy.float32)).") from None
 
 
 def _parse_equalize(items) -> dict[str, float]:
@@ -74,121 +198,176 @@ def _parse_equalize(items) -> dict[str, float]:
             sep = ""
         if not sep or not word:
             raise ValueError(f"--equalize {it!r}: use WORD=VALUE, e.g. --equalize red=3")
+        if not math.isfinite(out[word]):
+            raise ValueError(f"--equalize {it!r}: the value must be a finite number, "
+                             "e.g. --equalize red=3")
     return out
 
 
-def _grid(images, labels, path: Path) -> None:
-    from jattn.policy.analysis import grid
+def _read_image(pipe, path: str, arg: str = "--image"):
+    from jattn.io.images import load_image
 
-    grid(list(images), rows=1, cols=len(images), labels=labels).save(path)
+    return load_image(path, pipe.default_size, arg=arg)
 
 
 def cmd_edit_p2p(args) -> int:
-    from jattn.io.images import load_image, psnr
+    from jattn.io.images import psnr
     from jattn.methods.p2p import edit
     from jattn.sampling.inversion import invert, load_inversion, save_inversion
 
-    pipe = _load(args)
-    out_dir = Path(args.out_dir)
+    n = 1 + len(args.target)
+    seeds = _seed_of(args, 1)
+    equalize = _parse_equalize(args.equalize)
     inv = None
     if args.inversion_file:
         inv = load_inversion(args.inversion_file)
         if inv.num_inference_steps != args.steps:
             raise ValueError(f"--inversion-file was made with {inv.num_inference_steps} steps; "
                              f"pass --steps {inv.num_inference_steps}")
+        if inv.prompt and inv.prompt[0] != args.prompt:
+            raise ValueError(f"--inversion-file was made for the prompt {inv.prompt[0]!r}, not "
+                             f"{args.prompt!r}; pass --prompt {inv.prompt[0]!r} (the source "
+                             "prompt must be the inverted one) or invert again.")
+    out = OutputDir(args.out_dir, overwrite=args.overwrite,
+                    inputs=[args.image, args.inversion_file])
+    names = OutputDir.image_names(n) + ["grid.png"]
+    if args.image:
+        names.append("inversion.npz")
+    out.reserve(*names)
+    pipe = _load(args)
+    image = None
+    if inv is not None:
+        _check_inversion_fits(inv, pipe)
     elif args.image:
-        size = pipe.default_size
-        image = load_image(args.image, size)
+        image = _read_image(pipe, args.image)
         inv = invert(pipe, image[None], args.prompt, method=args.inversion,
                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_inversion(inv, out_dir / "inversion.npz")
+        out.write("inversion.npz", lambda fh: save_inversion(inv, fh))
     kwargs = dict(mode=args.mode, cross_replace_steps=args.cross_steps,
-                  self_replace_steps=args.self_steps, equalize=_parse_equalize(args.equalize),
+                  self_replace_steps=args.self_steps, equalize=equalize,
                   blend_words=args.blend_words, subtract_words=args.subtract_words,
                   start_blend=args.start_blend, reference_quirks=args.reference_quirks)
     res = edit(pipe, args.prompt, args.target, num_inference_steps=args.steps,
-               guidance_scale=args.guidance_scale, seed=args.seed,
+               guidance_scale=args.guidance_scale, seed=seeds[0],
                latents=None if inv is None else inv.x_t[:1],
                uncond_per_step=None if inv is None or inv.uncond_per_step is None
                else inv.uncond_per_step[:, :1], **kwargs)
-    paths = save_images(res.images, out_dir)
+    paths = out.images(res.images)
     labels = [("reconstruction: " if inv is not None else "source: ") + args.prompt] + \
         list(args.target)
-    _grid(res.images, labels, out_dir / "grid.png")
+    _grid(out, res.images, labels)
+    figures = {}
+    if image is not None:
+        figures["reconstruction_psnr_db"] = psnr(res.images[0], image)
+    out.finish(dict(command="edit p2p", arguments=_arguments(args), seeds=seeds,
+                    model=pipe.source, figures=figures))
     for p, label in zip(paths, labels):
         print(f"{p}\t{label}")
-    if args.image and not args.inversion_file:
-        print(f"reconstruction PSNR vs input: {psnr(res.images[0], image):.2f} dB")
-    print(f"{out_dir / 'grid.png'}")
+    if image is not None:
+        print(f"reconstruction PSNR vs input: {figures['reconstruction_psnr_db']:.2f} dB")
+    print(f"{out.path('grid.png')}")
     return 0
 
 
+def _check_inversion_fits(inv, pipe) -> None:
+    c, f = pipe.unet_config.in_channels, pipe.vae_scale_factor
+    shape = tuple(inv.x_t.shape[1:])
+    if len(shape) != 3 or shape[0] != c or shape[1] * f < pipe.min_size():
+        raise ValueError(f"--inversion-file holds latents of shape {shape}, which this model "
+                         f"(latent channels {c}) cannot use; invert the image with this "
+                         "--model.")
+
+
 def cmd_invert(args) -> int:
-    from jattn.io.images import load_image, psnr
+    from jattn.io.images import psnr
     from jattn.sampling.inversion import invert, save_inversion
 
+    names = ["000.png", "vae_roundtrip.png", "input.png", "inversion.npz"]
+    out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.image])
+    out.reserve(*names)
     pipe = _load(args)
-    out_dir = Path(args.out_dir)
-    image = load_image(args.image, pipe.default_size)
+    image = _read_image(pipe, args.image)
     inv = invert(pipe, image[None], args.prompt, method=args.method,
                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     gs = args.guidance_scale if args.method == "null-text" else 1.0
     rec = pipe.generate([args.prompt], num_inference_steps=args.steps, guidance_scale=gs,
                         scheduler="ddim", latents=inv.x_t, uncond_per_step=inv.uncond_per_step)
     vae_rt = pipe.decode(pipe.encode_images(image[None]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    Image.fromarray(rec.images[0]).save(out_dir / "reconstruction.png")
-    Image.fromarray(vae_rt[0]).save(out_dir / "vae_roundtrip.png")
-    Image.fromarray(image).save(out_dir / "input.png")
-    save_inversion(inv, out_dir / "inversion.npz")
-    print(f"{out_dir / 'reconstruction.png'}\tPSNR {psnr(rec.images[0], image):.2f} dB "
-          f"(VAE round trip {psnr(vae_rt[0], image):.2f} dB)")
-    print(f"{out_dir / 'inversion.npz'}")
+    out.image("000.png", rec.images[0])
+    out.image("vae_roundtrip.png", vae_rt[0])
+    out.image("input.png", image)
+    out.write("inversion.npz", lambda fh: save_inversion(inv, fh))
+    figures = dict(reconstruction_psnr_db=psnr(rec.images[0], image),
+                   vae_roundtrip_psnr_db=psnr(vae_rt[0], image))
+    out.finish(dict(command="invert", arguments=_arguments(args), model=pipe.source,
+                    figures=figures))
+    print(f"{out.path('000.png')}\tPSNR {figures['reconstruction_psnr_db']:.2f} dB "
+          f"(VAE round trip {figures['vae_roundtrip_psnr_db']:.2f} dB)")
+    print(f"{out.path('inversion.npz')}")
     return 0
 
 
-def cmd_maps(args) -> int:
-    from PIL import Image
+def _file_part(token: str) -> str:
+    """A token as a safe file-name part (``/``, ``..`` and the like cannot escape)."""
+    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in token).strip("_")
+    return s or "tok"
 
+
+def cmd_maps(args) -> int:
     from jattn.methods.maps import default_self_resolution, generate_with_maps, maps_pictures
 
+    n = len(args.prompt)
+    seeds = _seed_of(args, n)
+    out = OutputDir(args.out_dir, overwrite=args.overwrite)
+    sub = (lambda i: "") if n == 1 else (lambda i: f"{i:03d}/")
+    out.reserve(*OutputDir.image_names(n), *(["grid.png"] if n > 1 else []),
+                *[f"{sub(i)}maps.png" for i in range(n)])
     pipe = _load(args)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     res = args.self_resolution or default_self_resolution(pipe)
-    out, maps = generate_with_maps(pipe, args.prompt, seed=args.seed,
+    gen, maps = generate_with_maps(pipe, args.prompt, seed=seeds,
                                    num_inference_steps=args.steps,
                                    guidance_scale=args.guidance_scale, self_resolution=res)
+    out.images(gen.images)
+    if n > 1:
+        _grid(out, gen.images, args.prompt)
     for i, prompt in enumerate(args.prompt):
-        pics = maps_pictures(out.images[i], maps, pipe.tokenizer, prompt, row=i)
-        d = out_dir if len(args.prompt) == 1 else out_dir / f"{i:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(out.images[i]).save(d / "image.png")
+        pics = maps_pictures(gen.images[i], maps, pipe.tokenizer, prompt, row=i)
         for j, (tok, img) in enumerate(pics["tokens"]):
-            Image.fromarray(img).save(d / f"token_{j + 1:02d}_{tok}.png")
+            out.image(f"{sub(i)}token_{j + 1:02d}_{_file_part(tok)}.png", img)
         if pics["self_pca"] is not None:
-            Image.fromarray(pics["self_pca"]).save(d / "self_attention_pca.png")
-        pics["grid"].save(d / "maps.png")
-        print(f"{d / 'maps.png'}\t{prompt}")
+            out.image(f"{sub(i)}self_attention_pca.png", pics["self_pca"])
+        out.image(f"{sub(i)}maps.png", pics["grid"])
+        print(f"{out.path(sub(i) + 'maps.png')}\t{prompt}")
+    out.finish(dict(command="maps", arguments=_arguments(args), seeds=seeds,
+                    model=pipe.source, self_resolution=res))
     return 0
 
 
 def cmd_demo(args) -> int:
     from jattn.demo import run_demo
 
+    out = OutputDir(args.out_dir, overwrite=args.overwrite)
+    out.reserve("index.html")
     pipe = _load(args)
-    index = run_demo(pipe, args.out_dir, steps=args.steps, guidance_scale=args.guidance_scale,
+    index = run_demo(pipe, out, steps=args.steps, guidance_scale=args.guidance_scale,
                      seed=args.seed)
+    out.finish(dict(command="demo", arguments=_arguments(args), model=pipe.source))
     print(index)
     return 0
 
 
+_CONFIG_SAMPLING_KEYS = {"steps", "guidance_scale", "seed"}
+
+
 def load_config(path: str) -> dict:
     """``get_config()`` of a Python config file (big_vision style), without exec'ing it into
-    this module's globals."""
+    this module's globals.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: a syntax error, an import or ``get_config()`` that raises, no
+        ``get_config``, or a result that is not a dict (each names the file).
+    """
     import importlib.util
 
     p = Path(path)
@@ -196,10 +375,34 @@ def load_config(path: str) -> dict:
         raise FileNotFoundError(f"config={path!r}: no such file")
     spec = importlib.util.spec_from_file_location(f"jattn_config_{p.stem}", p)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise ValueError(f"config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        raise ValueError(f"config {path}: running the file raised {type(e).__name__}: {e}"
+                         ) from None
     if not hasattr(mod, "get_config"):
         raise ValueError(f"{path}: a config file must define get_config()")
-    return dict(mod.get_config())
+    try:
+        cfg = mod.get_config()
+    except Exception as e:
+        raise ValueError(f"config {path}: get_config() raised {type(e).__name__}: {e}"
+                         ) from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path}: get_config() returned {type(cfg).__name__}; it must "
+                         "return a dict")
+    return dict(cfg)
+
+
+def _p2p_config_keys() -> set[str]:
+    import inspect
+
+    from jattn.methods.p2p import p2p_policy
+
+    params = inspect.signature(p2p_policy).parameters
+    return {k for k, v in params.items() if v.kind == v.KEYWORD_ONLY} - {"num_steps", "height",
+                                                                       "width"}
 
 
 def cmd_run(args) -> int:
@@ -208,22 +411,38 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config)
     method = cfg.pop("method", None)
     if method != "p2p":
-        raise ValueError(f"{args.config}: method={method!r}; `jattn run` knows 'p2p'")
-    pipe = _load(args)
+        raise ValueError(f"config {args.config}: method={method!r}; `jattn run` knows 'p2p'")
+    missing = [k for k in ("prompt", "targets") if k not in cfg]
+    if missing:
+        raise ValueError(f"config {args.config}: missing key(s) {', '.join(missing)} (a p2p "
+                         "config gives prompt= and targets=)")
     expected = cfg.pop("expected", "")
     prompt, targets = cfg.pop("prompt"), cfg.pop("targets")
+    targets = [targets] if isinstance(targets, str) else targets
+    known = _p2p_config_keys() | _CONFIG_SAMPLING_KEYS
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"config {args.config}: unknown key(s) {', '.join(unknown)}; a p2p "
+                         f"config takes {', '.join(sorted(known | {'prompt', 'targets'}))}")
     steps, gs, seed = cfg.pop("steps", 50), cfg.pop("guidance_scale", 7.5), cfg.pop("seed", 0)
+    out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.config])
+    n = 1 + len(list(targets))
+    out.reserve(*OutputDir.image_names(n), "grid.png")
+    pipe = _load(args)
     res = edit(pipe, prompt, targets, num_inference_steps=steps, guidance_scale=gs, seed=seed,
                **cfg)
-    out_dir = Path(args.out_dir)
-    save_images(res.images, out_dir)
-    _grid(res.images, [prompt] + list(targets), out_dir / "grid.png")
-    print(f"{out_dir / 'grid.png'}\texpected: {expected}")
+    out.images(res.images)
+    _grid(out, res.images, [prompt] + list(targets))
+    out.finish(dict(command="run", config=str(args.config), arguments=_arguments(args),
+                    expected=expected, model=pipe.source))
+    print(f"{out.path('grid.png')}\texpected: {expected}")
     return 0
 
 
 def cmd_sites(args) -> int:
     pipe = _load(args)
+    if args.height is not None or args.width is not None:
+        pipe._check_size(args.height, args.width, 1)
     sites = pipe.sites(args.height, args.width)
     for s in sites:
         print(s.describe())
@@ -232,49 +451,51 @@ def cmd_sites(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jattn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="jattn", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="text-to-image")
     _add_model_args(g)
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--steps", type=_STEPS, default=50, help="denoising steps (1-1000)")
+    g.add_argument("--guidance-scale", type=_GUIDANCE, default=7.5,
+                   help="CFG scale ≥ 0 (CFG runs when > 1)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="default: the checkpoint's scheduler")
-    g.add_argument("--eta", type=float, default=None, help="DDIM eta (>= 0)")
-    g.add_argument("--guidance-rescale", type=float, default=0.0,
+    g.add_argument("--eta", type=_float_type(0.0), default=None, help="DDIM eta (>= 0)")
+    g.add_argument("--guidance-rescale", type=_FRACTION, default=0.0,
                    help="CFG rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR "
                         "models; default 0 = plain CFG)")
-    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--seed", type=_SEED, default=0, help="image i uses seed + i")
+    g.add_argument("--height", type=_SIZE, default=None)
+    g.add_argument("--width", type=_SIZE, default=None)
     g.add_argument("--latents", default=None,
                    help=".npy float32 (B, C, h, w): unscaled initial noise as diffusers' latents=")
-    g.add_argument("--out-dir", required=True)
+    _add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("edit", help="attention-editing methods")
-    esub = e.add_subparsers(dest="method", required=True)
+    esub = e.add_subparsers(dest="method", required=True, parser_class=_Parser)
     p = esub.add_parser("p2p", help="Prompt-to-Prompt (Hertz et al. 2023)")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="source prompt")
     p.add_argument("--target", action="append", required=True, help="edited prompt (repeat)")
     p.add_argument("--mode", choices=["replace", "refine", "reweight"], default="replace")
-    p.add_argument("--cross-steps", type=float, default=0.8)
-    p.add_argument("--self-steps", type=float, default=0.4)
+    p.add_argument("--cross-steps", type=_float_type(), default=0.8)
+    p.add_argument("--self-steps", type=_float_type(), default=0.4)
     p.add_argument("--equalize", nargs="*", default=None, metavar="WORD=VALUE")
     p.add_argument("--blend-words", nargs="*", default=None)
     p.add_argument("--subtract-words", nargs="*", default=None)
-    p.add_argument("--start-blend", type=float, default=0.0)
+    p.add_argument("--start-blend", type=_FRACTION, default=0.0)
     p.add_argument("--reference-quirks", action="store_true",
                    help="reproduce google/prompt-to-prompt's quirks (post-edit stored maps, "
                         "get_word_inds word boundaries, word-swap tail mapping)")
-    p.add_argument("--image", default=None, help="real image to edit (inverted first)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", default=None, help="real image to edit (inverted first)")
+    src.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")
     p.add_argument("--inversion", choices=["null-text", "ddim"], default="null-text")
-    p.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_edit_p2p)
 
@@ -289,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("maps", help="per-token cross-attention overlays, self-attention PCA")
     _add_model_args(mp)
     mp.add_argument("--prompt", action="append", required=True)
-    mp.add_argument("--self-resolution", type=int, default=None,
+    mp.add_argument("--self-resolution", type=_int_type(1), default=None,
                     help="self-attention grid side to capture (default: largest <= 32)")
     _add_sampling_args(mp)
     mp.set_defaults(func=cmd_maps)
@@ -302,25 +523,88 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a Python config from configs/")
     _add_model_args(r)
     r.add_argument("config")
-    r.add_argument("--out-dir", required=True)
+    _add_out_args(r)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sites", help="list the attention sites of the UNet")
     _add_model_args(s)
-    s.add_argument("--height", type=int, default=None)
-    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--height", type=_SIZE, default=None)
+    s.add_argument("--width", type=_SIZE, default=None)
     s.set_defaults(func=cmd_sites)
     return parser
 
 
+# ---------------------------------------------------------------------- errors
+_USER_TYPES = (ValueError, TypeError, RuntimeError, LookupError)
+_JATTN_DIR = str(Path(__file__).resolve().parent)
+
+
+def _raised_by_jattn(e: BaseException) -> bool:
+    """Whether the exception comes from a ``raise`` in jattn's own code (a deliberate check
+    with a message for the user), not from a library deeper down (a bug of jattn's)."""
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    return last is not None and last.tb_frame.f_code.co_filename.startswith(_JATTN_DIR)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    from jattn.io.outputs import OutputDirError
+
+    if isinstance(e, (OutputDirError, OSError)):
+        return True  # file-system faults name the file; never a traceback
+    return isinstance(e, _USER_TYPES) and _raised_by_jattn(e)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return " ".join(msg.split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from jattn.io import interrupt
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"jattn {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    name = "jattn " + args.command + (f" {args.method}" if args.command == "edit" else "")
+    debug = getattr(args, "debug", False) or os.environ.get("JATTN_DEBUG") == "1"
+    interrupt.enable()
+    interrupt.reset()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{name}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args)
+        except BaseException as e:  # noqa: BLE001 - classified below, re-raised if a bug
+            if isinstance(e, SystemExit):
+                raise
+            if interrupt.is_interrupt(e):
+                print(f"{name}: interrupted; files already written are complete, nothing "
+                      "half-written", file=sys.stderr)
+                return 130
+            if debug:
+                traceback.print_exc()
+            if _out_of_memory(e):
+                print(f"{name}: error: out of memory ({_one_line(e)[:200]}); use smaller "
+                      "images, fewer prompts per call or --dtype bfloat16", file=sys.stderr)
+                return 2
+            if _is_user_error(e):
+                print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            if debug:
+                return 1
+            raise
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import html
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from jattn.io.outputs import OutputDir
 from jattn.policy import analysis
 
 __all__ = ["run_demo"]
@@ -67,14 +67,14 @@ EDITS = [
 ]
 
 
-def run_demo(pipe, out_dir: str | Path, *, steps: int = 50, guidance_scale: float = 7.5,
-             seed: int = 0) -> Path:
-    """Write the demo into ``out_dir`` and return the path of its ``index.html``."""
+def run_demo(pipe, out_dir: str | Path | OutputDir, *, steps: int = 50,
+             guidance_scale: float = 7.5, seed: int = 0) -> Path:
+    """Write the demo into ``out_dir`` (a folder path, which must be empty or new, or an
+    :class:`jattn.io.outputs.OutputDir`) and return the path of its ``index.html``."""
     from jattn.methods.maps import default_self_resolution, generate_with_maps, maps_pictures
     from jattn.methods.p2p import edit
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir if isinstance(out_dir, OutputDir) else OutputDir(out_dir)
     parts = ["<!doctype html><meta charset='utf-8'><title>jattn demo</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
              "figure{display:inline-block;margin:4px;text-align:center;font-size:12px;"
@@ -89,11 +89,11 @@ def run_demo(pipe, out_dir: str | Path, *, steps: int = 50, guidance_scale: floa
         parts.append(f"<h2>{html.escape(title)}</h2>")
         for i, (p, img) in enumerate(zip(prompts, images)):
             name = f"{slug}_{i:02d}.png"
-            Image.fromarray(img).save(out / name)
+            out.image(name, img)
             parts.append(f"<figure><img src='{name}' width=128><figcaption>"
                          f"{html.escape(p)}</figcaption></figure>")
         cols = min(8, len(images))
-        analysis.grid(images, rows=-(-len(images) // cols), cols=cols).save(out / f"{slug}.png")
+        out.image(f"{slug}.png", analysis.grid(images, rows=-(-len(images) // cols), cols=cols))
 
     # 2. attention maps
     parts.append("<h2>cross-attention per token, self-attention PCA</h2>")
@@ -106,7 +106,7 @@ def run_demo(pipe, out_dir: str | Path, *, steps: int = 50, guidance_scale: floa
     for i, p in enumerate(map_prompts):
         pics = maps_pictures(gen.images[i], maps, pipe.tokenizer, p, row=i)
         name = f"maps_{i:02d}.png"
-        pics["grid"].save(out / name)
+        out.image(name, pics["grid"])
         parts.append(f"<p>{html.escape(p)}<br><img src='{name}'></p>")
 
     # 3. Prompt-to-Prompt edits
@@ -119,9 +119,8 @@ def run_demo(pipe, out_dir: str | Path, *, steps: int = 50, guidance_scale: floa
             labels = [src] + [", ".join(f"{k}×{v:g}" for k, v in e.items())
                               for e in kw["equalize"]]
         name = f"edit_{i:02d}.png"
-        analysis.grid(list(res_e.images), rows=1, cols=len(res_e.images),
-                      labels=labels).save(out / name)
+        out.image(name, analysis.grid(list(res_e.images), rows=1, cols=len(res_e.images),
+                                      labels=labels))
         parts.append(f"<h3>{html.escape(title)}</h3><img src='{name}'>")
-    index = out / "index.html"
-    index.write_text("\n".join(parts))
-    return index
+    page = "\n".join(parts).encode()
+    return out.write("index.html", lambda fh: fh.write(page))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.io import checkpoint as ckpt
+from jattn.io import checks, interrupt
 from jattn.models import clip_text as clip_lib
 from jattn.models import unet as unet_lib
 from jattn.models import vae as vae_lib
@@ -30,6 +31,7 @@ from jattn.sampling import schedulers as sch
 
 __all__ = ["Pipeline", "GenerateOutput", "load", "bundled_model_path", "DTYPES"]
 
+SCHEDULERS = ("ddim", "ddpm", "euler", "dpm++2m")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -165,8 +167,14 @@ class Pipeline:
         return self._cache["encode"]
 
     def encode_images(self, images: np.ndarray) -> jax.Array:
-        """uint8 ``(B, H, W, 3)`` images -> scaled posterior-mean latents ``(B, h, w, C)``."""
-        x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+        """uint8 ``(B, H, W, 3)`` images -> scaled posterior-mean latents ``(B, h, w, C)``.
+
+        Raises:
+          ValueError: not ``(B, H, W, 3)`` values 0..255 (e.g. floats in [0, 1]).
+        """
+        from jattn.io.images import as_uint8_images
+
+        x = jnp.asarray(as_uint8_images(images, "images"), jnp.float32) / 127.5 - 1.0
         return self._encode_fn()(self.params["vae"], x)
 
     # ------------------------------------------------------------------ unet
@@ -176,6 +184,7 @@ class Pipeline:
         dtype = self.dtype
 
         def fn(x, t, ctx, policy, step):
+            interrupt.check_in_graph()  # Ctrl-C stops here when enabled (jattn.io.interrupt)
             out, aux = module.apply({"params": params}, x.astype(dtype), t,
                                     ctx.astype(dtype), policy=policy, step=step)
             return out, aux
@@ -204,6 +213,9 @@ class Pipeline:
                  eta: float | None = None) -> sch.Schedule:
         cfg = self.scheduler_config
         if scheduler is not None:
+            if scheduler not in SCHEDULERS:
+                raise ValueError(f"scheduler={scheduler!r}: choose one of "
+                                 f"{', '.join(SCHEDULERS)} (None = the checkpoint's).")
             cfg = cfg.replace(kind=scheduler)
         if eta is not None:
             cfg = cfg.replace(eta=float(eta))
@@ -213,7 +225,7 @@ class Pipeline:
         key = ("sample", do_cfg, aux_fns)
         if key not in self._cache:
             def run(params, schedule, latents, cond, uncond, gs, keys, policy, uncond_steps,
-                    guidance, gr):
+                    guidance, gr, hooks=None):
                 self._count("sample")
                 aux_init = aux_update = callback = None
                 if aux_fns is not None:
@@ -226,10 +238,52 @@ class Pipeline:
                     self.unet_fn(params), schedule, latents, cond,
                     uncond if do_cfg else None, gs, keys, policy=policy, aux_init=aux_init,
                     aux_update=aux_update, callback=callback, uncond_per_step=uncond_steps,
-                    guidance=guidance, guidance_rescale=gr)
+                    guidance=guidance, guidance_rescale=gr, hooks=hooks)
 
             self._cache[key] = jax.jit(run)
         return self._cache[key]
+
+    def min_size(self) -> int:
+        """Smallest image side in pixels: one latent cell at the UNet's deepest level
+        (VAE factor × 2^(levels − 1); 32 px for the bundled model, 64 px for SD)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
+
+    def _check_size(self, height, width, batch: int) -> tuple[int, int]:
+        f, lo = self.vae_scale_factor, self.min_size()
+        out = []
+        for name, v in (("height", height), ("width", width)):
+            v = self.default_size if v is None else checks.whole_number(v, name)
+            if v < lo or v % f:
+                raise ValueError(f"{name}={v}: must be a multiple of {f} and ≥ {lo} px for "
+                                 f"this model (default {self.default_size}).")
+            if v > MAX_SIDE:
+                raise ValueError(f"{name}={v}: at most {MAX_SIDE} px per side.")
+            out.append(v)
+        need = _min_working_bytes(self, batch, out[0], out[1])
+        have = _device_memory_bytes()
+        if have and need > have:
+            raise ValueError(
+                f"height={out[0]}, width={out[1]} with {batch} image(s) needs at least "
+                f"{need / 2**30:.1f} GiB of working memory, more than this device has "
+                f"({have / 2**30:.1f} GiB); use smaller images or fewer prompts per call.")
+        return out[0], out[1]
+
+    def _check_generate_args(self, prompt, prompt_embeds, seed, height, width,
+                             num_inference_steps):
+        if prompt_embeds is None:
+            prompts = checks.prompt_list(prompt, "prompt")
+            b = len(prompts)
+        else:
+            prompts = [] if prompt is None else checks.prompt_list(prompt, "prompt",
+                                                                   allow_empty_list=True)
+            b = int(np.shape(prompt_embeds)[0])
+        if np.dtype(self.dtype) == np.float16 and jax.default_backend() == "cpu":
+            raise ValueError("dtype=float16: XLA on CPU has no float16 matrix products; load "
+                             "with dtype='bfloat16' (same memory) or 'float32' on CPU.")
+        seeds = checks.seed_list(seed, b)
+        steps = checks.whole_number(num_inference_steps, "num_inference_steps", minimum=1,
+                                    maximum=self.scheduler_config.num_train_timesteps)
+        return b, prompts, seeds, self._check_size(height, width, b), steps
 
     def generate(
         self,
@@ -252,6 +306,7 @@ class Pipeline:
         guidance: Any = None,
         guidance_rescale: float = 0.0,
         decode: bool = True,
+        hooks: Any = None,
     ) -> GenerateOutput:
         """Generate images, one per prompt.
 
@@ -278,30 +333,31 @@ class Pipeline:
             suggest 0.7 for zero-terminal-SNR models): CFG output rescaled towards the
             conditional output's standard deviation; 0 (default) is plain CFG.
           decode: decode latents to images (else ``images`` is None).
+          hooks: :class:`jattn.sampling.sampler.SamplerHooks` (per-step noise maps, start
+            step), passed to the sampler loop as is.
         Returns:
           :class:`GenerateOutput`.
         Raises:
-          ValueError: prompts over 77 tokens, sizes not multiples of 8, latents of the wrong
-            shape, negative prompts of the wrong count, guidance_rescale outside [0, 1].
+          TypeError: a prompt that is not a string, a seed or step count that is not an int.
+          ValueError: an empty prompt list, prompts over 77 tokens; sizes not multiples of
+            the VAE factor, below :meth:`min_size` or too large for the device's memory;
+            seeds outside ``[0, 2**32 - 1]`` (also ``seed + i``); a step count < 1, not
+            whole or over the training timesteps; a negative or non-finite guidance scale
+            or eta; guidance_rescale outside [0, 1]; latents of the wrong shape, not float
+            or not finite; negative prompts of the wrong count; float16 on CPU.
         """
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale={guidance_rescale}: must be in [0, 1] "
-                             "(0 = plain CFG; 0.7 is Lin et al.'s value).")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        b = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
-        height = height or self.default_size
-        width = width or self.default_size
+        b, prompts, seeds, (height, width), steps = self._check_generate_args(
+            prompt, prompt_embeds, seed, height, width, num_inference_steps)
+        guidance_scale = checks.finite_number(
+            guidance_scale, "guidance_scale", minimum=0.0,
+            hint="CFG runs when it is > 1 (7.5 is the usual value); 0 to 1 means no CFG.")
+        guidance_rescale = checks.finite_number(
+            guidance_rescale, "guidance_rescale", minimum=0.0, maximum=1.0,
+            hint="0 = plain CFG; 0.7 is Lin et al.'s value.")
+        if eta is not None:
+            eta = checks.finite_number(eta, "eta", minimum=0.0, hint="0 = deterministic DDIM.")
         f = self.vae_scale_factor
-        if height % f or width % f:
-            raise ValueError(f"height={height}, width={width}: must be multiples of {f}.")
         h, w, c = height // f, width // f, self.unet_config.in_channels
-        if isinstance(seed, int):
-            seeds = [seed + i for i in range(b)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != b:
-                raise ValueError(f"seed: got {len(seeds)} seeds for {b} prompts; give one per "
-                                 "prompt or a single int.")
         do_cfg = guidance_scale > 1.0 or uncond_per_step is not None
         cond = prompt_embeds if prompt_embeds is not None else self.encode_prompts(prompts)
         uncond = None
@@ -309,23 +365,23 @@ class Pipeline:
             if uncond_embeds is not None:
                 uncond = uncond_embeds
             else:
-                negs = negative_prompt if negative_prompt is not None else ""
-                negs = [negs] * b if isinstance(negs, str) else list(negs)
+                negs = checks.prompt_list(negative_prompt if negative_prompt is not None
+                                          else "", "negative_prompt")
+                negs = negs * b if isinstance(negative_prompt, (str, type(None))) else negs
                 if len(negs) != b:
                     raise ValueError(f"negative_prompt: got {len(negs)} for {b} prompts; give "
                                      "one string or one per prompt.")
                 uncond = self.encode_prompts(negs)
         else:
             uncond = cond  # placeholder, unused without CFG (keeps one signature)
-        schedule = self.schedule(num_inference_steps, scheduler, eta)
+        schedule = self.schedule(steps, scheduler, eta)
         keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
         if latents is None:
             x = sampler_lib.initial_noise(keys, (h, w, c))
         else:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape != (b, c, h, w):
-                raise ValueError(f"latents: shape {latents.shape}, expected {(b, c, h, w)} "
-                                 "(B, C, h, w) = NCHW unscaled noise as diffusers' latents=.")
+            latents = checks.float_array(
+                latents, "latents", (b, c, h, w),
+                hint=" (B, C, h, w) = NCHW unscaled noise as diffusers' latents=.")
             x = jnp.asarray(latents.transpose(0, 2, 3, 1))
         x = x * schedule.init_noise_sigma
         fn = self._sample_fn(do_cfg, aux_fns)
@@ -343,11 +399,39 @@ class Pipeline:
                                                  NamedSharding(mesh, P(None, "data")))
             unet_params = self._replicated(mesh)
         final, aux = fn(unet_params, schedule, x, cond, uncond, gs, keys, policy,
-                        uncond_per_step, guidance, jnp.asarray(guidance_rescale, jnp.float32))
+                        uncond_per_step, guidance, jnp.asarray(guidance_rescale, jnp.float32),
+                        hooks)
         images = self.decode(final) if decode else None
         return GenerateOutput(images=images,
                               latents=np.asarray(final, np.float32).transpose(0, 3, 1, 2),
                               aux=aux)
+
+
+MAX_SIDE = 16384  # px per side: beyond any Stable Diffusion model's working sizes
+
+
+def _min_working_bytes(pipe: "Pipeline", batch: int, height: int, width: int) -> int:
+    """A lower bound of the memory one ``generate`` call needs: two float32 activations
+    of the VAE decoder's last block at full resolution (``B × H × W × C``), and two of the
+    UNet's first block for the CFG batch. Real use is several times more."""
+    vae = batch * height * width * pipe.vae_config.block_out_channels[0] * 4 * 2
+    f = pipe.vae_scale_factor
+    unet = 2 * batch * (height // f) * (width // f) * pipe.unet_config.block_out_channels[0] * 4 * 2
+    return max(vae, unet)
+
+
+def _device_memory_bytes() -> int | None:
+    """Memory of the default device (GPU/TPU: its allocator limit; CPU: physical RAM)."""
+    import os
+
+    try:
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        if stats and stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
 
 
 _MESHES: dict = {}
@@ -378,11 +462,35 @@ def load(model: str | Path | None = None, *, dtype="float32", allow_pickle: bool
     Returns:
       :class:`Pipeline`.
     Raises:
+      TypeError / ValueError: a bad ``model=``, ``dtype=``, ``allow_pickle=``,
+        ``revision=`` or ``variant=`` argument (names it and what is accepted).
       CheckpointNotFoundError: missing folder/files (names them) or hub unreachable.
+      CheckpointDamagedError: a truncated/corrupted file, invalid JSON, NaN/inf weights,
+        a directory where a file belongs, an unreadable file (names the file).
+      CheckpointConfigError: a config value of the wrong type or out of range, or a
+        required key missing (names the file, the key and what is expected).
+      CheckpointUnsupportedError: a valid config asking for a feature jattn lacks.
       PickleRefusedError: only pickle weights and ``allow_pickle`` is False.
-      CheckpointMismatchError: weights do not fit the config (lists every key).
+      CheckpointMismatchError: weights do not fit the config (lists every key and shape),
+        or components that do not belong together (text width vs UNet, latent channels).
+      All of them derive from ``jattn.io.checkpoint.CheckpointError`` (a ValueError).
     """
-    dt = _as_dtype(dtype)
+    if isinstance(dtype, str):
+        dt = _as_dtype(dtype)
+    else:
+        canonical = {np.dtype(v): v for v in DTYPES.values()}
+        try:
+            dt = None if isinstance(dtype, bool) else canonical.get(np.dtype(dtype))
+        except (TypeError, ValueError):
+            dt = None
+        if dt is None:
+            raise TypeError(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16' "
+                            "(or jnp.float32 / jnp.bfloat16 / jnp.float16).")
+    if not isinstance(allow_pickle, (bool, np.bool_)):
+        raise TypeError(f"allow_pickle={allow_pickle!r}: expected True or False.")
+    for name, value in (("revision", revision), ("variant", variant)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}={value!r}: expected a string or None.")
     if model is None:
         folder = bundled_model_path()
         if not (folder / "unet").is_dir():
@@ -391,14 +499,44 @@ def load(model: str | Path | None = None, *, dtype="float32", allow_pickle: bool
                 "(CLI: --model).")
     else:
         folder = ckpt.resolve_checkpoint(model, revision=revision)
-    index = json.loads((folder / "model_index.json").read_text())
+    index = ckpt.read_json(folder / "model_index.json")
     for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if comp not in index:
             warnings.warn(f"model_index.json has no {comp!r} entry; reading {comp}/ anyway")
-    unet_cfg = unet_lib.UNetConfig.from_diffusers(ckpt.read_config(folder, "unet"))
-    vae_cfg = vae_lib.VAEConfig.from_diffusers(ckpt.read_config(folder, "vae"))
-    text_cfg = clip_lib.CLIPTextConfig.from_transformers(ckpt.read_config(folder, "text_encoder"))
-    sched_cfg = sch.SchedulerConfig.from_diffusers(ckpt.read_config(folder, "scheduler"))
+    unet_cfg = ckpt.parse_config(folder, "unet", unet_lib.UNetConfig.from_diffusers)
+    vae_cfg = ckpt.parse_config(folder, "vae", vae_lib.VAEConfig.from_diffusers)
+    text_cfg = ckpt.parse_config(folder, "text_encoder",
+                                 clip_lib.CLIPTextConfig.from_transformers)
+    sched_cfg = ckpt.parse_config(folder, "scheduler", sch.SchedulerConfig.from_diffusers)
+    from jattn.io.tokenizer import MAX_LENGTH, load_tokenizer
+
+    tok_dir = folder / "tokenizer"
+    if not tok_dir.is_dir():
+        raise ckpt.CheckpointNotFoundError(
+            f"{tok_dir}: missing folder (vocab.json, merges.txt). Fix: copy or download the "
+            "checkpoint's tokenizer/ folder.")
+    tokenizer = load_tokenizer(tok_dir)
+    # components that load one by one but cannot work together (silent clamping or a
+    # shape error deep inside jit otherwise)
+    clash = []
+    if unet_cfg.cross_attention_dim != text_cfg.hidden_size:
+        clash.append(f"unet/config.json cross_attention_dim={unet_cfg.cross_attention_dim} but "
+                     f"text_encoder/config.json hidden_size={text_cfg.hidden_size}")
+    if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.latent_channels:
+        clash.append(f"unet/config.json in_channels={unet_cfg.in_channels}, out_channels="
+                     f"{unet_cfg.out_channels} but vae/config.json latent_channels="
+                     f"{vae_cfg.latent_channels} (inpainting/depth UNets with extra input "
+                     "channels are not supported)")
+    if text_cfg.max_position_embeddings < MAX_LENGTH:
+        clash.append(f"text_encoder/config.json max_position_embeddings="
+                     f"{text_cfg.max_position_embeddings} < the {MAX_LENGTH} tokens per prompt")
+    if len(tokenizer) > text_cfg.vocab_size:
+        clash.append(f"tokenizer/ has {len(tokenizer)} tokens but text_encoder/config.json "
+                     f"vocab_size={text_cfg.vocab_size}")
+    if clash:
+        raise ckpt.CheckpointMismatchError(
+            f"{folder}: the components do not belong together: " + "; ".join(clash)
+            + ". Fix: take every component folder from the same checkpoint.")
     params = {
         "unet": unet_lib.convert_unet_state_dict(
             ckpt.load_state_dict(folder, "unet", allow_pickle=allow_pickle, variant=variant),
@@ -411,10 +549,4 @@ def load(model: str | Path | None = None, *, dtype="float32", allow_pickle: bool
                                  variant=variant), text_cfg),
     }
     params = _cast_tree(params, dt)
-    from jattn.io.tokenizer import load_tokenizer
-
-    tok_dir = folder / "tokenizer"
-    if not tok_dir.is_dir():
-        raise ckpt.CheckpointNotFoundError(f"{tok_dir}: missing (vocab.json, merges.txt).")
-    tokenizer = load_tokenizer(tok_dir)
     return Pipeline(unet_cfg, vae_cfg, text_cfg, sched_cfg, tokenizer, params, dt, str(folder))

@@ -26,7 +26,8 @@ def test_edit_p2p_writes_source_targets_and_grid(tiny_sd_dir, tmp_path, capsys):
                "--target", "a blue circle", "--target", "a green circle", "--steps", "2",
                "--blend-words", "circle", "--out-dir", str(out)])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "grid.png",
+                                                     "result.json"]
     imgs = [np.asarray(Image.open(out / f"00{i}.png")) for i in range(3)]
     assert imgs[0].shape == (16, 16, 3)
     assert "grid.png" in capsys.readouterr().out
@@ -38,7 +39,7 @@ def test_invert_then_edit_from_inversion_file(tiny_sd_dir, photo, tmp_path, caps
                "a photo of a person", "--method", "ddim", "--steps", "3", "--out-dir",
                str(inv_dir)])
     assert rc == 0
-    assert (inv_dir / "reconstruction.png").is_file() and (inv_dir / "inversion.npz").is_file()
+    assert (inv_dir / "000.png").is_file() and (inv_dir / "inversion.npz").is_file()
     assert "PSNR" in capsys.readouterr().out
     out = tmp_path / "edit"
     rc = main(["edit", "p2p", "--model", str(tiny_sd_dir), "--prompt", "a photo of a person",
@@ -47,7 +48,7 @@ def test_invert_then_edit_from_inversion_file(tiny_sd_dir, photo, tmp_path, caps
     assert rc == 0 and (out / "001.png").is_file()
     rc = main(["edit", "p2p", "--model", str(tiny_sd_dir), "--prompt", "a photo of a person",
                "--target", "a photo of a robot", "--steps", "4", "--inversion-file",
-               str(inv_dir / "inversion.npz"), "--out-dir", str(out)])
+               str(inv_dir / "inversion.npz"), "--out-dir", str(out), "--overwrite"])
     assert rc == 2 and "--steps 3" in capsys.readouterr().err
 
 
@@ -57,7 +58,7 @@ def test_maps_writes_overlays_and_pca(tiny_sd_dir, tmp_path):
                "--steps", "2", "--out-dir", str(out)])
     assert rc == 0
     names = {p.name for p in out.iterdir()}
-    assert {"image.png", "maps.png", "self_attention_pca.png", "token_02_red.png"} <= names
+    assert {"000.png", "maps.png", "self_attention_pca.png", "token_02_red.png"} <= names
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -243,9 +243,10 @@ def test_cli_generate_and_sites(tiny_dir, tmp_path, capsys):
                PROMPTS[1], "--steps", "2", "--latents", str(tmp_path / "lat.npy"),
                "--out-dir", str(tmp_path / "out")])
     assert rc == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png", "001.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "000.png", "001.png", "grid.png", "result.json"]
     rc = main(["sites", "--model", str(tiny_dir)])
     assert rc == 0 and "attn2" in capsys.readouterr().out
     rc = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out-dir",
-               str(tmp_path)])
-    assert rc == 2
+               str(tmp_path / "o2")])
+    assert rc == 2 and "nope" in capsys.readouterr().err

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jattn.io import checks
+from jattn.io.images import as_uint8_images
 from jattn.sampling import schedulers as sch
 
 Array = jax.Array
@@ -142,16 +144,15 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
     Returns:
       :class:`Inversion`.
     Raises:
-      ValueError: unknown method, image shape not (B, H, W, 3) uint8-like, prompt count.
+      ValueError: unknown method, image shape not (B, H, W, 3), floats in [0, 1] or values
+        outside 0..255, a size the model cannot take, prompt count.
     """
     if method not in ("null-text", "ddim"):
         raise ValueError(f"method={method!r}: choose 'null-text' or 'ddim'")
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images: shape {images.shape}, expected (B, H, W, 3) uint8")
-    prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
+    images = as_uint8_images(images, "images")
+    pipe._check_size(images.shape[1], images.shape[2], images.shape[0])
+    prompts = checks.prompt_list(prompt, "prompt")
+    prompts = prompts * images.shape[0] if isinstance(prompt, str) else prompts
     if len(prompts) != images.shape[0]:
         raise ValueError(f"prompt: {len(prompts)} prompts for {images.shape[0]} images")
     schedule = pipe.schedule(num_inference_steps, "ddim", 0.0)
@@ -200,10 +201,28 @@ def save_inversion(inv: Inversion, path) -> None:
 
 
 def load_inversion(path) -> Inversion:
-    """Read an ``.npz`` written by :func:`save_inversion`."""
-    d = np.load(path, allow_pickle=False)
-    u = d["uncond_per_step"]
-    it = d["inner_iterations"]
-    return Inversion(d["latents"], u if u.size else None, [str(p) for p in d["prompt"]],
-                     int(d["num_inference_steps"]), float(d["guidance_scale"]),
-                     it if it.size else None)
+    """Read an ``.npz`` written by :func:`save_inversion`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is damaged or not an inversion file (names it).
+    """
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"inversion file {str(path)!r}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            u = d["uncond_per_step"]
+            it = d["inner_iterations"]
+            inv = Inversion(np.asarray(d["latents"], np.float32), u if u.size else None,
+                            [str(p) for p in np.atleast_1d(d["prompt"])],
+                            int(d["num_inference_steps"]), float(d["guidance_scale"]),
+                            it if it.size else None)
+    except Exception as e:  # zipfile/npy errors, missing keys, wrong dtypes: all "damaged"
+        raise ValueError(f"inversion file {str(path)!r} is damaged or not written by `jattn "
+                         f"invert` ({type(e).__name__}: {e}); invert the image again.") from None
+    if inv.latents.ndim != 5 or not np.isfinite(inv.latents).all():
+        raise ValueError(f"inversion file {str(path)!r} is damaged (latents of shape "
+                         f"{inv.latents.shape} or not finite); invert the image again.")
+    return inv

@@ -219,7 +219,15 @@ class Pipeline:
             cfg = cfg.replace(kind=scheduler)
         if eta is not None:
             cfg = cfg.replace(eta=float(eta))
-        return sch.make_schedule(cfg, int(num_inference_steps))
+        try:
+            return sch.make_schedule(cfg, int(num_inference_steps))
+        except IndexError:  # e.g. "leading" spacing with steps_offset=1 at 1000 steps
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps}: this checkpoint's "
+                f"{cfg.kind} timesteps (spacing {cfg.timestep_spacing!r}, steps_offset "
+                f"{cfg.steps_offset}) reach past its {cfg.num_train_timesteps} training "
+                f"timesteps (diffusers fails the same way); use at most "
+                f"{cfg.num_train_timesteps - cfg.steps_offset} steps.") from None
 
     def _sample_fn(self, do_cfg: bool, aux_fns=None):
         key = ("sample", do_cfg, aux_fns)

@@ -21,15 +21,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jattn.io.checkpoint import CheckpointMismatchError
+
 __all__ = ["CheckpointMismatchError", "torch_key_to_flax", "flax_key_to_torch",
            "state_dict_to_params", "params_to_state_dict"]
 
 # flax module names that contain a literal "_<digit>" in diffusers itself
 _LITERAL_UNDERSCORE_DIGIT = {"linear_1", "linear_2"}
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model: lists every missing, unexpected and misshapen key."""
 
 
 def _is_embedding(module: str) -> bool:
@@ -113,7 +111,8 @@ def state_dict_to_params(
     Returns:
       nested dict of numpy arrays with exactly the structure of ``expected``.
     Raises:
-      CheckpointMismatchError: listing every missing key, unexpected key and shape mismatch.
+      CheckpointMismatchError: listing every missing key, unexpected key and shape (or
+        integer-for-float dtype) mismatch.
     """
     exp_flat = traverse_util.flatten_dict(dict(expected))
     out: dict[tuple[str, ...], np.ndarray] = {}
@@ -135,6 +134,12 @@ def state_dict_to_params(
                              f"model expects {want}")
             misshapen_paths.add(path)
             continue
+        if (jax.dtypes.issubdtype(exp_flat[path].dtype, np.inexact)
+                and not jax.dtypes.issubdtype(arr.dtype, np.inexact)):
+            misshapen.append(f"{key}: checkpoint dtype {arr.dtype}, model expects floats "
+                             "(quantised or integer weights are not supported)")
+            misshapen_paths.add(path)
+            continue
         target_dtype = dtype if dtype is not None else exp_flat[path].dtype
         out[path] = value.astype(target_dtype)
     missing = [flax_key_to_torch(p) for p in exp_flat
@@ -147,7 +152,8 @@ def state_dict_to_params(
             lines.append(f"  in checkpoint, not in model ({len(unexpected)}): "
                          + ", ".join(unexpected))
         if misshapen:
-            lines.append(f"  shape mismatches ({len(misshapen)}):\n    " + "\n    ".join(misshapen))
+            lines.append(f"  shape/dtype mismatches ({len(misshapen)}):\n    "
+                         + "\n    ".join(misshapen))
         lines.append("  Fix: check that config.json belongs to these weights (a truncated or "
                      "foreign checkpoint file gives this error).")
         raise CheckpointMismatchError("\n".join(lines))

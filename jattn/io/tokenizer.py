@@ -38,26 +38,57 @@ def load_tokenizer(folder: str | os.PathLike | None = None):
       the tokenizer (vocabulary 49408 for CLIP; BOS 49406, EOS = pad 49407 for SD1.x).
 
     Raises:
-      FileNotFoundError: the folder has no ``vocab.json``/``merges.txt`` (nor a
-        ``tokenizer/`` subfolder that has them).
+      CheckpointNotFoundError (a FileNotFoundError): the folder has no
+        ``vocab.json``/``merges.txt`` (nor a ``tokenizer/`` subfolder that has them).
+      CheckpointDamagedError: a tokenizer file is a directory, unreadable, invalid JSON or
+        rejected by transformers (the message names the file when it can tell which).
     """
     from transformers import CLIPTokenizer  # the one transformers use allowed at run time
 
+    from jattn.io.checkpoint import (CheckpointDamagedError, CheckpointNotFoundError,
+                                     read_json)
+
     path = BUNDLED_TOKENIZER_DIR if folder is None else Path(folder)
+    names = ("vocab.json", "merges.txt")
 
     def _has_files(p: Path) -> bool:
-        return (p / "tokenizer.json").is_file() or all(
-            (p / n).is_file() for n in ("vocab.json", "merges.txt"))
+        return (p / "tokenizer.json").exists() or all((p / n).exists() for n in names)
 
     if not _has_files(path) and _has_files(path / "tokenizer"):
         path = path / "tokenizer"
+    fix = ("rebuild the bundled one with `python scripts/build_tokenizer.py`"
+           if path.resolve() == BUNDLED_TOKENIZER_DIR.resolve() else
+           "copy or re-download the checkpoint's tokenizer/ folder")
     if not _has_files(path):
-        raise FileNotFoundError(
-            f"tokenizer folder {path} lacks vocab.json + merges.txt (or tokenizer.json); "
+        missing = [n for n in names if not (path / n).exists()]
+        raise CheckpointNotFoundError(
+            f"tokenizer folder {path} lacks {' + '.join(missing)} (or tokenizer.json); "
             "expected the layout of openai/clip-vit-large-patch14 (vocab.json, merges.txt, "
-            "tokenizer_config.json). Rebuild the bundled one with "
-            "`python scripts/build_tokenizer.py`.")
-    return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+            f"tokenizer_config.json). Fix: {fix}.")
+    files = [path / n for n in ("tokenizer.json", *names, "tokenizer_config.json",
+                                "special_tokens_map.json", "added_tokens.json")]
+    for f in files:
+        if f.exists() and not f.is_file():
+            raise CheckpointDamagedError(f"{f}: is a directory, not a tokenizer file. Fix: {fix}.")
+    try:
+        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # locate the damaged file; transformers' messages rarely name it
+        for f in files:
+            if f.suffix == ".json" and f.exists():
+                read_json(f)  # raises CheckpointDamagedError naming the file and position
+        for f in files:
+            if f.suffix == ".txt" and f.exists():
+                try:
+                    f.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e2:
+                    raise CheckpointDamagedError(
+                        f"{f}: damaged or unreadable ({e2}). Fix: {fix}.") from e
+        raise CheckpointDamagedError(
+            f"tokenizer folder {path}: transformers could not load it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); vocab.json or merges.txt is damaged "
+            f"or they do not belong together. Fix: {fix}.") from e
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -84,13 +84,41 @@ class CLIPTextConfig:
         """Build from a transformers ``CLIPTextConfig`` dict (``text_encoder/config.json``).
 
         Keys that do not change the text encoder's forward pass (``projection_dim``,
-        ``initializer_range``, ``transformers_version`` …) are ignored.
+        ``initializer_range``, ``transformers_version`` …) are ignored. ``hidden_size``,
+        ``intermediate_size``, ``num_hidden_layers`` and ``num_attention_heads`` are
+        required (transformers always writes them, and its defaults differ from SD's);
+        other missing or null keys take the defaults. Every value is type-checked.
 
         Raises:
+          jattn.io.checkpoint.CheckpointConfigError (a ValueError): a value of the wrong
+            type or out of range, or a required key missing (names the key, the value and
+            what is expected).
           ValueError: unsupported ``hidden_act`` or inconsistent sizes.
         """
+        from jattn.io import checkpoint as ck
+
+        o = "CLIPTextConfig"
+        if not isinstance(config, Mapping):
+            raise ck.CheckpointConfigError(
+                f"{o}: expected a dict (the object of text_encoder/config.json), got "
+                f"{type(config).__name__}.")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(config).items() if k in names and v is not None}
+        ck.require_keys(o, kwargs, ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads"),
+                        " (every transformers CLIPTextConfig file has them)")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "max_position_embeddings"):
+            if key in kwargs:
+                kwargs[key] = ck.config_int(o, key, kwargs[key], minimum=1)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if key in kwargs:
+                kwargs[key] = ck.config_int(o, key, kwargs[key], minimum=0)
+        if "hidden_act" in kwargs:
+            kwargs["hidden_act"] = ck.config_str(o, "hidden_act", kwargs["hidden_act"])
+        if "layer_norm_eps" in kwargs:
+            kwargs["layer_norm_eps"] = ck.config_float(o, "layer_norm_eps",
+                                                       kwargs["layer_norm_eps"], positive=True)
         return cls(**kwargs)
 
     def to_transformers(self) -> dict[str, Any]:

@@ -100,6 +100,12 @@ def _per_block(value, n: int, name: str, kind=int) -> tuple:
     return (kind(value),) * n
 
 
+def _checked(check, owner: str, key: str, value):
+    """``value`` unchanged (int stays int) once ``check(owner, key, value)`` accepts it."""
+    check(owner, key, value)
+    return value
+
+
 def _collapse(values: tuple):
     """A per-block tuple as diffusers writes it: a scalar when all entries agree."""
     return values[0] if len(set(values)) == 1 else list(values)
@@ -210,10 +216,25 @@ class UNetConfig:
         is null, ``attention_head_dim`` holds the NUMBER of heads (int or per block); the
         head dim is block channels // heads.
 
+        Every value is type-checked (ints given per block as lists are accepted; null
+        booleans read as false, as in diffusers); ``block_out_channels``,
+        ``down_block_types`` and ``up_block_types`` are required (every diffusers config
+        has them); other missing keys take diffusers' defaults.
+
         Raises:
+          jattn.io.checkpoint.CheckpointConfigError (a ValueError): a value of the wrong
+            type or out of range, or a required key missing (names the key, the value
+            and what is expected).
           ValueError: for SDXL (``addition_embed_type="text_time"``), any other option this
             UNet does not implement (non-default value), or an unknown key.
         """
+        from jattn.io import checkpoint as ck
+
+        o = "UNetConfig"
+        if not isinstance(config, Mapping):
+            raise ck.CheckpointConfigError(
+                f"{o}: expected a dict (the object of unet/config.json), got "
+                f"{type(config).__name__}.")
         cfg = dict(config)
         add = cfg.get("addition_embed_type")
         if add == "text_time":
@@ -231,40 +252,80 @@ class UNetConfig:
         if cfg.get("norm_num_groups", 32) is None:
             raise ValueError("UNetConfig: norm_num_groups=None (no output norm) is not "
                              "supported")
-        heads = cfg.get("num_attention_heads")
-        if heads is None:
-            heads = cfg.get("attention_head_dim", 8)  # diffusers' misnomer: the head count
-        cad = cfg.get("cross_attention_dim", 1280)
-        if isinstance(cad, (list, tuple)):
+        ck.require_keys(o, cfg, ("block_out_channels", "down_block_types", "up_block_types"),
+                        " (every diffusers unet/config.json has them)")
+        pos = dict(minimum=1)
+
+        def ints(key, default, scalar=True, length=None, hint="", expected=None):
+            value = cfg.get(key, default)
+            if (key == "transformer_layers_per_block" and isinstance(value, (list, tuple))
+                    and any(isinstance(v, (list, tuple)) for v in value)):
+                raise ValueError(f"UNetConfig: nested per-layer {key} is not supported")
+            return ck.config_list(o, key, value, lambda o_, k, v: ck.config_int(o_, k, v, **pos),
+                                  length=length, scalar=scalar, hint=hint, expected=expected)
+
+        def strs(key):
+            return ck.config_list(o, key, cfg[key], ck.config_str, what="block type names",
+                                  hint=", e.g. [\"CrossAttnDownBlock2D\", \"DownBlock2D\"]")
+
+        def flag(key, default):
+            return ck.config_bool(o, key, cfg.get(key, default))
+
+        boc = ints("block_out_channels", None, scalar=False, hint=", e.g. [320, 640, 1280, 1280]")
+        n = len(boc)
+        heads_key = "num_attention_heads"
+        if cfg.get(heads_key) is None:
+            heads_key = "attention_head_dim"  # diffusers' misnomer: the head count
+        heads = ints(heads_key, 8, length=n)
+        cad = ints("cross_attention_dim", 1280,
+                   expected="an integer >= 1, the text encoder's hidden size (768 for SD1.x, "
+                   "1024 for SD2.x)")
+        if isinstance(cad, tuple):
             if len(set(cad)) != 1:
-                raise ValueError(f"UNetConfig: per-block cross_attention_dim {cad} is not "
+                raise ValueError(f"UNetConfig: per-block cross_attention_dim {list(cad)} is not "
                                  "supported")
             cad = cad[0]
-        d = cls()
+        sample_size = cfg.get("sample_size", None)
+        if sample_size is not None:
+            sample_size = ck.config_list(
+                o, "sample_size", sample_size, lambda o_, k, v: ck.config_int(o_, k, v, **pos),
+                length=2 if isinstance(sample_size, (list, tuple)) else None, scalar=True,
+                expected="an integer >= 1 (the latent side in cells, e.g. 64), a list "
+                "[height, width] of two, or null")
+        only_cross = cfg.get("only_cross_attention", False)
+        only_cross = ck.config_list(o, "only_cross_attention", only_cross, ck.config_bool,
+                                    length=n, scalar=True, what="true/false")
+        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        if mid is not None:
+            mid = ck.config_str(o, "mid_block_type", mid)
         return cls(
-            sample_size=cfg.get("sample_size", None),
-            in_channels=cfg.get("in_channels", 4),
-            out_channels=cfg.get("out_channels", 4),
-            center_input_sample=bool(cfg.get("center_input_sample", False)),
-            flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-            freq_shift=cfg.get("freq_shift", 0),
-            down_block_types=tuple(cfg.get("down_block_types", d.down_block_types)),
-            mid_block_type=cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
-            up_block_types=tuple(cfg.get("up_block_types", d.up_block_types)),
-            block_out_channels=tuple(cfg.get("block_out_channels", d.block_out_channels)),
-            layers_per_block=cfg.get("layers_per_block", 2),
-            transformer_layers_per_block=cfg.get("transformer_layers_per_block", 1),
+            sample_size=sample_size,
+            in_channels=ck.config_int(o, "in_channels", cfg.get("in_channels", 4), **pos),
+            out_channels=ck.config_int(o, "out_channels", cfg.get("out_channels", 4), **pos),
+            center_input_sample=flag("center_input_sample", False),
+            flip_sin_to_cos=flag("flip_sin_to_cos", True),
+            freq_shift=_checked(ck.config_float, o, "freq_shift", cfg.get("freq_shift", 0)),
+            down_block_types=strs("down_block_types"),
+            mid_block_type=mid,
+            up_block_types=strs("up_block_types"),
+            block_out_channels=boc,
+            layers_per_block=ints("layers_per_block", 2, length=n),
+            transformer_layers_per_block=ints("transformer_layers_per_block", 1, length=n),
             num_heads=heads,
-            only_cross_attention=cfg.get("only_cross_attention", False),
-            cross_attention_dim=int(cad),
-            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-            upcast_attention=bool(cfg.get("upcast_attention", False)),
-            norm_num_groups=int(cfg.get("norm_num_groups", 32)),
-            norm_eps=float(cfg.get("norm_eps", 1e-5)),
-            downsample_padding=int(cfg.get("downsample_padding", 1)),
-            mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
-            act_fn=cfg.get("act_fn", "silu"),
-            time_embedding_type=cfg.get("time_embedding_type", "positional"),
+            only_cross_attention=only_cross,
+            cross_attention_dim=cad,
+            use_linear_projection=flag("use_linear_projection", False),
+            upcast_attention=flag("upcast_attention", False),
+            norm_num_groups=ck.config_int(o, "norm_num_groups", cfg.get("norm_num_groups", 32),
+                                          **pos),
+            norm_eps=ck.config_float(o, "norm_eps", cfg.get("norm_eps", 1e-5), positive=True),
+            downsample_padding=ck.config_int(o, "downsample_padding",
+                                             cfg.get("downsample_padding", 1), minimum=0),
+            mid_block_scale_factor=ck.config_float(o, "mid_block_scale_factor",
+                                                   cfg.get("mid_block_scale_factor", 1.0)),
+            act_fn=ck.config_str(o, "act_fn", cfg.get("act_fn", "silu")),
+            time_embedding_type=ck.config_str(o, "time_embedding_type",
+                                              cfg.get("time_embedding_type", "positional")),
         )
 
     def to_diffusers(self) -> dict[str, Any]:

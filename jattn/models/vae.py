@@ -107,15 +107,62 @@ class VAEConfig:
 
         Keys that do not change the computation (``force_upcast``, ``_class_name``,
         ``latents_mean``/``latents_std`` …) are ignored; missing keys take diffusers'
-        defaults.
+        defaults, except ``block_out_channels``, ``down_block_types`` and
+        ``up_block_types``, which every diffusers config has. Every value is type-checked;
+        null booleans read as false (as in diffusers), a null ``scaling_factor`` as the
+        default.
 
         Raises:
+          jattn.io.checkpoint.CheckpointConfigError (a ValueError): a value of the wrong
+            type or out of range, or a required key missing (names the key, the value and
+            what is expected).
           ValueError: unsupported block types, activation or inconsistent sizes.
         """
+        from jattn.io import checkpoint as ck
+
+        o = "VAEConfig"
+        if not isinstance(config, Mapping):
+            raise ck.CheckpointConfigError(
+                f"{o}: expected a dict (the object of vae/config.json), got "
+                f"{type(config).__name__}.")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(config).items() if k in names}
+        ck.require_keys(o, kwargs, ("block_out_channels", "down_block_types", "up_block_types"),
+                        " (every diffusers vae/config.json has them)")
         if kwargs.get("scaling_factor") is None:
             kwargs.pop("scaling_factor", None)
+
+        def pos_int(o_, k, v):
+            return ck.config_int(o_, k, v, minimum=1)
+
+        checks = {
+            "in_channels": pos_int, "out_channels": pos_int, "latent_channels": pos_int,
+            "layers_per_block": pos_int, "norm_num_groups": pos_int,
+            "block_out_channels": lambda o_, k, v: ck.config_list(
+                o_, k, v, pos_int, hint=", e.g. [128, 256, 512, 512]"),
+            "down_block_types": lambda o_, k, v: ck.config_list(
+                o_, k, v, ck.config_str, what="block type names",
+                hint=", e.g. [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\"]"),
+            "up_block_types": lambda o_, k, v: ck.config_list(
+                o_, k, v, ck.config_str, what="block type names",
+                hint=", e.g. [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\"]"),
+            "act_fn": ck.config_str,
+            "scaling_factor": lambda o_, k, v: ck.config_float(
+                o_, k, v, positive=True, hint=" (0.18215 for SD1.x/SD2.x)"),
+            "shift_factor": lambda o_, k, v: None if v is None else ck.config_float(o_, k, v),
+            "mid_block_add_attention": ck.config_bool,
+            "use_quant_conv": ck.config_bool,
+            "use_post_quant_conv": ck.config_bool,
+        }
+        for key, check in checks.items():
+            if key in kwargs:
+                kwargs[key] = check(o, key, kwargs[key])
+        if "sample_size" in kwargs:  # metadata only: an int or [h, w]
+            size = kwargs["sample_size"]
+            ck.config_list(o, "sample_size", size, pos_int,
+                           length=2 if isinstance(size, (list, tuple)) else None, scalar=True,
+                           expected="an integer >= 1 (image side in pixels) or a list "
+                           "[height, width] of two")
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:

@@ -234,12 +234,23 @@ class SchedulerConfig:
 
         Raises:
           ValueError: no ``_class_name`` and no ``kind``; an unknown key in the config of
-            one of the four native classes (when ``strict``); an invalid value.
+            one of the four native classes (when ``strict``); an invalid value (a value of
+            the wrong type or out of range raises ``jattn.io.checkpoint.CheckpointConfigError``,
+            a ValueError naming the key, the value and what is expected).
           NotImplementedError: a feature jattn does not implement is switched on
             (thresholding, learned variance, solver_order 3, SDE DPM-Solver, ...).
         """
+        from jattn.io import checkpoint as ck
+
+        o = "SchedulerConfig"
+        if not isinstance(config, Mapping):
+            raise ck.CheckpointConfigError(
+                f"{o}: expected a dict (the object of scheduler/scheduler_config.json), got "
+                f"{type(config).__name__}.")
         config = dict(config)
         class_name = config.get("_class_name")
+        if class_name is not None:
+            ck.config_str(o, "_class_name", class_name, hint=", e.g. \"DDIMScheduler\"")
         if kind is None:
             if class_name is None:
                 raise ValueError("config has no `_class_name`; pass `kind=`.")
@@ -276,10 +287,40 @@ class SchedulerConfig:
                     "DPM-Solver with learned variance (variance_type="
                     f"{config['variance_type']!r}) is not supported")
             values.pop("variance_type", None)
-        if values.get("trained_betas") is not None:
-            values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])
         if values.get("lambda_min_clipped") is None:
             values["lambda_min_clipped"] = -math.inf
+
+        # types and ranges (the choices of the string options are checked by _validate)
+        def beta(o_, k, v):
+            return ck.config_float(o_, k, v, minimum=0.0, maximum=0.999,
+                                   hint=" (a per-step noise variance; SD: 0.00085 to 0.012)")
+
+        def pos_or_none(o_, k, v):
+            return None if v is None else ck.config_float(o_, k, v, positive=True)
+
+        checks = {
+            "num_train_timesteps": lambda o_, k, v: ck.config_int(o_, k, v, minimum=1,
+                                                                  hint=" (SD: 1000)"),
+            "steps_offset": lambda o_, k, v: ck.config_int(o_, k, v, minimum=0),
+            "solver_order": lambda o_, k, v: ck.config_int(o_, k, v, minimum=1),
+            "beta_start": beta, "beta_end": beta,
+            "trained_betas": lambda o_, k, v: None if v is None else ck.config_list(
+                o_, k, v.tolist() if isinstance(v, np.ndarray) else v, beta,
+                what="numbers in [0.0, 0.999]"),
+            "clip_sample_range": lambda o_, k, v: ck.config_float(o_, k, v, positive=True),
+            "eta": lambda o_, k, v: ck.config_float(o_, k, v, minimum=0.0),
+            "sigma_min": pos_or_none, "sigma_max": pos_or_none,
+            "lambda_min_clipped": lambda o_, k, v: ck.config_float(o_, k, v, allow_inf=True),
+        }
+        for key in ("set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr",
+                    "lower_order_final", "euler_at_final", "use_karras_sigmas"):
+            checks[key] = ck.config_bool
+        for key in ("beta_schedule", "prediction_type", "timestep_spacing", "variance_type",
+                    "algorithm_type", "solver_type", "final_sigmas_type", "interpolation_type"):
+            checks[key] = ck.config_str
+        for key, check in checks.items():
+            if key in values:
+                values[key] = check(o, key, values[key])
         return cls(kind=kind, **values)
 
     def to_diffusers(self) -> dict[str, Any]:

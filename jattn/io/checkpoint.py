@@ -32,7 +32,7 @@ _WEIGHT_NAMES = {
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors",
                  "*/*.safetensors.index.json", "tokenizer/*", "scheduler/*"]
-_REDOWNLOAD = "re-download the checkpoint (or re-export it)"
+_REDOWNLOAD = "re-download the checkpoint or re-export it"
 
 
 # ------------------------------------------------------------------------------ errors
@@ -103,7 +103,7 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = 
         if mi.exists() and not mi.is_file():
             raise CheckpointDamagedError(
                 f"{mi}: is a directory, not a JSON file. Fix: replace it with the "
-                f"checkpoint's model_index.json ({_REDOWNLOAD}).")
+                f"checkpoint's model_index.json: {_REDOWNLOAD}.")
         if not mi.is_file():
             raise CheckpointNotFoundError(
                 f"{p}: missing model_index.json — not a diffusers-layout checkpoint folder. "
@@ -144,7 +144,7 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointDamagedError(
             f"{path}: is a directory (or another non-file), not a JSON file. Fix: replace it "
-            f"with the checkpoint's {path.name} ({_REDOWNLOAD}).")
+            f"with the checkpoint's {path.name}: {_REDOWNLOAD}.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -205,15 +205,20 @@ def parse_config(folder: Path, component: str, parser: Callable[[dict], Any]) ->
     """
     cfg = read_config(folder, component)
     f = _config_file(folder, component)
+    where = f"{component}/{f.name}"
     try:
         return parser(cfg)
     except NotImplementedError as e:
-        raise CheckpointUnsupportedError(f"{f}: {e}") from e
+        msg = str(e)
+        if "Fix:" not in msg:
+            msg = (msg.rstrip(".") + f". Fix: if this value is a mistake, correct it in {where}; "
+                   "otherwise jattn does not support this checkpoint.")
+        raise CheckpointUnsupportedError(f"{f}: {msg}") from e
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         if "Fix:" not in msg:
-            msg = (msg.rstrip(".") + f". Fix: correct the value in {component}/{f.name} (it must "
-                   f"describe the weights next to it), or {_REDOWNLOAD}.")
+            fits = "" if component == "scheduler" else " (it must describe the weights next to it)"
+            msg = msg.rstrip(".") + f". Fix: correct {where}{fits}, or {_REDOWNLOAD}."
         raise CheckpointConfigError(f"{f}: {msg}") from e
 
 
@@ -363,7 +368,7 @@ def _check_weight_file(f: Path) -> None:
     if not f.is_file():
         raise CheckpointDamagedError(
             f"{f}: is a directory (or another non-file), not a weight file. Fix: replace it "
-            f"with the checkpoint's {f.name} ({_REDOWNLOAD}).")
+            f"with the checkpoint's {f.name}: {_REDOWNLOAD}.")
     if not os.access(f, os.R_OK):
         raise CheckpointDamagedError(
             f"{f}: cannot be read (permission denied). Fix: make it readable "

@@ -258,6 +258,16 @@ def test_damaged_shard_and_index(model):
     assert "weight_map" in _load_error(model, CheckpointDamagedError)
 
 
+def test_damaged_pickle_weights(model):
+    """With allow_pickle=True a damaged .bin names the file instead of torch's traceback."""
+    (model / "vae/diffusion_pytorch_model.safetensors").unlink()
+    f = model / "vae/diffusion_pytorch_model.bin"
+    f.write_bytes(b"PK\x03\x04 not really a zip")
+    assert "only pickle weights" in _load_error(model, PickleRefusedError)
+    msg = _load_error(model, CheckpointDamagedError, allow_pickle=True)
+    assert msg.startswith(str(f)) and "not a torch state dict" in msg
+
+
 # ------------------------------------------------------------------ 3. invalid JSON
 @pytest.mark.parametrize("name", ["model_index.json", "unet/config.json", "vae/config.json",
                                   "text_encoder/config.json",

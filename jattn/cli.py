@@ -23,126 +23,10 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
-
-from jattn.io.outputs import OutputDir
-
-SCHEDULERS = ["ddim", "ddpm", "euler", "dpm++2m"]
-MAX_SEED = 2**32 - 1
-
-
-# ---------------------------------------------------------------------- parser and types
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``jattn CMD: error: …``) and exit code 2."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _int_type(lo: int | None = None, hi: int | None = None, what: str = "a whole number"):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f"[{lo}, {hi}]" if hi is not None else f"≥ {lo}"
-            raise argparse.ArgumentTypeError(f"{v} is outside {rng}")
-        return v
-    return parse
-
-
-def _float_type(lo: float | None = None, hi: float | None = None):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = f"[{lo:g}, {hi:g}]" if hi is not None else f"≥ {lo:g}"
-            raise argparse.ArgumentTypeError(f"{v:g} is outside {rng}")
-        return v
-    return parse
-
-
-_STEPS = _int_type(1, 1000)
-_SEED = _int_type(0, MAX_SEED, "a seed (whole number)")
-_SIZE = _int_type(1, None, "a size in pixels")
-_GUIDANCE = _float_type(0.0)
-_FRACTION = _float_type(0.0, 1.0)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="diffusers-layout folder or Hugging Face hub id (default: bundled model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="parameter/compute dtype (float16: GPU/TPU only, XLA on CPU has no "
-                        "float16 matrix products)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="accept .bin/.ckpt pickle weights (unsafe; refused by default)")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of errors (also JATTN_DEBUG=1)")
-
-
-def _add_out_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out-dir", required=True,
-                   help="output folder (must be empty or new, see --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="use a non-empty --out-dir: replace jattn's own earlier outputs there "
-                        "(the files its result.json lists); other files are never touched")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
-    """--steps, --guidance-scale, [--seed], --out-dir, --overwrite (the method commands)."""
-    p.add_argument("--steps", type=_STEPS, default=50, help="denoising steps (1-1000)")
-    p.add_argument("--guidance-scale", type=_GUIDANCE, default=7.5,
-                   help="CFG scale ≥ 0 (CFG runs when > 1)")
-    if seed:
-        p.add_argument("--seed", type=_SEED, default=0, help=f"in [0, {MAX_SEED}]")
-    _add_out_args(p)
-
-
-_PIPES: dict = {}
-
-
-def _load(args):
-    """The pipeline of ``--model``/``--dtype`` (loaded once per process)."""
-    import jattn
-
-    key = (args.model, args.dtype, args.allow_pickle)
-    if key not in _PIPES:
-        if args.dtype == "float16":
-            import jax
-
-            if jax.default_backend() == "cpu":
-                raise ValueError("--dtype float16: XLA on CPU has no float16 matrix products; "
-                                 "use --dtype bfloat16 (same memory) or float32 on CPU.")
-        _PIPES[key] = jattn.load(args.model, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    return _PIPES[key]
-
-
-def _check_size(args, pipe) -> None:
-    """--height/--width against the model (before any compute)."""
-    pipe._check_size(getattr(args, "height", None), getattr(args, "width", None),
-                     len(getattr(args, "prompt", None) or [1]))
-
-
-def _arguments(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("func", "debug")}
-
-
-def _grid(out: OutputDir, images, labels, name: str = "grid.png") -> None:
-    from jattn.policy.analysis import grid
-
-    out.image(name, grid(list(images), rows=1, cols=len(images), labels=labels))
-
-
-def _seed_of(args, n: int) -> list[int]:
-    from jattn.io.checks import seed_list
-
-    return seed_list(args.seed, n, "--seed")
+from jattn.commands.common import (FRACTION, GUIDANCE, SCHEDULERS, SEED, SIZE,
+                                   STEPS, OutputDir, Parser, add_model_args, add_out_args,
+                                   add_sampling_args, arguments, float_type, int_type,
+                                   load_npy, load_pipeline, read_image, save_grid, seeds_for)
 
 
 # ---------------------------------------------------------------------- commands
@@ -150,16 +34,15 @@ def cmd_generate(args) -> int:
     from jattn.io.checks import float_array
 
     n = len(args.prompt)
-    seeds = _seed_of(args, n)
+    seeds = seeds_for(args, n)
     latents = None
     if args.latents:
-        latents = _load_npy(args.latents, "--latents")
+        latents = load_npy(args.latents, "--latents")
         latents = float_array(latents, "--latents",
                               hint=" Expected float32 (B, C, h, w) unscaled noise (.npy).")
     out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.latents])
     out.reserve(*OutputDir.image_names(n), *(["grid.png"] if n > 1 else []))
-    pipe = _load(args)
-    _check_size(args, pipe)
+    pipe = load_pipeline(args)
     t0 = time.perf_counter()
     res = pipe.generate(
         args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
@@ -169,23 +52,12 @@ def cmd_generate(args) -> int:
     seconds = time.perf_counter() - t0
     paths = out.images(res.images)
     if n > 1:
-        _grid(out, res.images, args.prompt)
-    out.finish(dict(command="generate", arguments=_arguments(args), seeds=seeds,
+        save_grid(out, res.images, args.prompt)
+    out.finish(dict(command="generate", arguments=arguments(args), seeds=seeds,
                     model=pipe.source, seconds=seconds))
     for p, prompt in zip(paths, args.prompt):
         print(f"{p}\t{prompt}")
     return 0
-
-
-def _load_npy(path: str, arg: str) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{arg} {path!r}: no such file.")
-    try:
-        return np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{arg} {path!r}: not a readable .npy array ({e}); save one with "
-                         "numpy.save(path, array.astype(numpy.float32)).") from None
 
 
 def _parse_equalize(items) -> dict[str, float]:
@@ -204,19 +76,13 @@ def _parse_equalize(items) -> dict[str, float]:
     return out
 
 
-def _read_image(pipe, path: str, arg: str = "--image"):
-    from jattn.io.images import load_image
-
-    return load_image(path, pipe.default_size, arg=arg)
-
-
 def cmd_edit_p2p(args) -> int:
     from jattn.io.images import psnr
     from jattn.methods.p2p import edit
     from jattn.sampling.inversion import invert, load_inversion, save_inversion
 
     n = 1 + len(args.target)
-    seeds = _seed_of(args, 1)
+    seeds = seeds_for(args, 1)
     equalize = _parse_equalize(args.equalize)
     inv = None
     if args.inversion_file:
@@ -234,12 +100,12 @@ def cmd_edit_p2p(args) -> int:
     if args.image:
         names.append("inversion.npz")
     out.reserve(*names)
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     image = None
     if inv is not None:
         _check_inversion_fits(inv, pipe)
     elif args.image:
-        image = _read_image(pipe, args.image)
+        image = read_image(pipe, args.image)
         inv = invert(pipe, image[None], args.prompt, method=args.inversion,
                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
         out.write("inversion.npz", lambda fh: save_inversion(inv, fh))
@@ -255,11 +121,11 @@ def cmd_edit_p2p(args) -> int:
     paths = out.images(res.images)
     labels = [("reconstruction: " if inv is not None else "source: ") + args.prompt] + \
         list(args.target)
-    _grid(out, res.images, labels)
+    save_grid(out, res.images, labels)
     figures = {}
     if image is not None:
         figures["reconstruction_psnr_db"] = psnr(res.images[0], image)
-    out.finish(dict(command="edit p2p", arguments=_arguments(args), seeds=seeds,
+    out.finish(dict(command="edit p2p", arguments=arguments(args), seeds=seeds,
                     model=pipe.source, figures=figures))
     for p, label in zip(paths, labels):
         print(f"{p}\t{label}")
@@ -285,8 +151,8 @@ def cmd_invert(args) -> int:
     names = ["000.png", "vae_roundtrip.png", "input.png", "inversion.npz"]
     out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.image])
     out.reserve(*names)
-    pipe = _load(args)
-    image = _read_image(pipe, args.image)
+    pipe = load_pipeline(args)
+    image = read_image(pipe, args.image)
     inv = invert(pipe, image[None], args.prompt, method=args.method,
                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     gs = args.guidance_scale if args.method == "null-text" else 1.0
@@ -299,7 +165,7 @@ def cmd_invert(args) -> int:
     out.write("inversion.npz", lambda fh: save_inversion(inv, fh))
     figures = dict(reconstruction_psnr_db=psnr(rec.images[0], image),
                    vae_roundtrip_psnr_db=psnr(vae_rt[0], image))
-    out.finish(dict(command="invert", arguments=_arguments(args), model=pipe.source,
+    out.finish(dict(command="invert", arguments=arguments(args), model=pipe.source,
                     figures=figures))
     print(f"{out.path('000.png')}\tPSNR {figures['reconstruction_psnr_db']:.2f} dB "
           f"(VAE round trip {figures['vae_roundtrip_psnr_db']:.2f} dB)")
@@ -317,19 +183,19 @@ def cmd_maps(args) -> int:
     from jattn.methods.maps import default_self_resolution, generate_with_maps, maps_pictures
 
     n = len(args.prompt)
-    seeds = _seed_of(args, n)
+    seeds = seeds_for(args, n)
     out = OutputDir(args.out_dir, overwrite=args.overwrite)
     sub = (lambda i: "") if n == 1 else (lambda i: f"{i:03d}/")
     out.reserve(*OutputDir.image_names(n), *(["grid.png"] if n > 1 else []),
                 *[f"{sub(i)}maps.png" for i in range(n)])
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     res = args.self_resolution or default_self_resolution(pipe)
     gen, maps = generate_with_maps(pipe, args.prompt, seed=seeds,
                                    num_inference_steps=args.steps,
                                    guidance_scale=args.guidance_scale, self_resolution=res)
     out.images(gen.images)
     if n > 1:
-        _grid(out, gen.images, args.prompt)
+        save_grid(out, gen.images, args.prompt)
     for i, prompt in enumerate(args.prompt):
         pics = maps_pictures(gen.images[i], maps, pipe.tokenizer, prompt, row=i)
         for j, (tok, img) in enumerate(pics["tokens"]):
@@ -338,7 +204,7 @@ def cmd_maps(args) -> int:
             out.image(f"{sub(i)}self_attention_pca.png", pics["self_pca"])
         out.image(f"{sub(i)}maps.png", pics["grid"])
         print(f"{out.path(sub(i) + 'maps.png')}\t{prompt}")
-    out.finish(dict(command="maps", arguments=_arguments(args), seeds=seeds,
+    out.finish(dict(command="maps", arguments=arguments(args), seeds=seeds,
                     model=pipe.source, self_resolution=res))
     return 0
 
@@ -348,10 +214,10 @@ def cmd_demo(args) -> int:
 
     out = OutputDir(args.out_dir, overwrite=args.overwrite)
     out.reserve("index.html")
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     index = run_demo(pipe, out, steps=args.steps, guidance_scale=args.guidance_scale,
                      seed=args.seed)
-    out.finish(dict(command="demo", arguments=_arguments(args), model=pipe.source))
+    out.finish(dict(command="demo", arguments=arguments(args), model=pipe.source))
     print(index)
     return 0
 
@@ -428,21 +294,21 @@ def cmd_run(args) -> int:
     out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.config])
     n = 1 + len(list(targets))
     out.reserve(*OutputDir.image_names(n), "grid.png")
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     res = edit(pipe, prompt, targets, num_inference_steps=steps, guidance_scale=gs, seed=seed,
                **cfg)
     out.images(res.images)
-    _grid(out, res.images, [prompt] + list(targets))
-    out.finish(dict(command="run", config=str(args.config), arguments=_arguments(args),
+    save_grid(out, res.images, [prompt] + list(targets))
+    out.finish(dict(command="run", config=str(args.config), arguments=arguments(args),
                     expected=expected, model=pipe.source))
     print(f"{out.path('grid.png')}\texpected: {expected}")
     return 0
 
 
 def cmd_sites(args) -> int:
-    pipe = _load(args)
+    pipe = load_pipeline(args)
     if args.height is not None or args.width is not None:
-        pipe._check_size(args.height, args.width, 1)
+        pipe.check_size(args.height, args.width, 1)
     sites = pipe.sites(args.height, args.width)
     for s in sites:
         print(s.describe())
@@ -451,44 +317,44 @@ def cmd_sites(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jattn", description=__doc__,
+    parser = Parser(prog="jattn", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="text-to-image")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=_STEPS, default=50, help="denoising steps (1-1000)")
-    g.add_argument("--guidance-scale", type=_GUIDANCE, default=7.5,
+    g.add_argument("--steps", type=STEPS, default=50, help="denoising steps (1-1000)")
+    g.add_argument("--guidance-scale", type=GUIDANCE, default=7.5,
                    help="CFG scale ≥ 0 (CFG runs when > 1)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                    help="default: the checkpoint's scheduler")
-    g.add_argument("--eta", type=_float_type(0.0), default=None, help="DDIM eta (>= 0)")
-    g.add_argument("--guidance-rescale", type=_FRACTION, default=0.0,
+    g.add_argument("--eta", type=float_type(0.0), default=None, help="DDIM eta (>= 0)")
+    g.add_argument("--guidance-rescale", type=FRACTION, default=0.0,
                    help="CFG rescale phi in [0, 1] (Lin et al. 2024; 0.7 for zero-terminal-SNR "
                         "models; default 0 = plain CFG)")
-    g.add_argument("--seed", type=_SEED, default=0, help="image i uses seed + i")
-    g.add_argument("--height", type=_SIZE, default=None)
-    g.add_argument("--width", type=_SIZE, default=None)
+    g.add_argument("--seed", type=SEED, default=0, help="image i uses seed + i")
+    g.add_argument("--height", type=SIZE, default=None)
+    g.add_argument("--width", type=SIZE, default=None)
     g.add_argument("--latents", default=None,
                    help=".npy float32 (B, C, h, w): unscaled initial noise as diffusers' latents=")
-    _add_out_args(g)
+    add_out_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("edit", help="attention-editing methods")
-    esub = e.add_subparsers(dest="method", required=True, parser_class=_Parser)
+    esub = e.add_subparsers(dest="method", required=True, parser_class=Parser)
     p = esub.add_parser("p2p", help="Prompt-to-Prompt (Hertz et al. 2023)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True, help="source prompt")
     p.add_argument("--target", action="append", required=True, help="edited prompt (repeat)")
     p.add_argument("--mode", choices=["replace", "refine", "reweight"], default="replace")
-    p.add_argument("--cross-steps", type=_float_type(), default=0.8)
-    p.add_argument("--self-steps", type=_float_type(), default=0.4)
+    p.add_argument("--cross-steps", type=float_type(), default=0.8)
+    p.add_argument("--self-steps", type=float_type(), default=0.4)
     p.add_argument("--equalize", nargs="*", default=None, metavar="WORD=VALUE")
     p.add_argument("--blend-words", nargs="*", default=None)
     p.add_argument("--subtract-words", nargs="*", default=None)
-    p.add_argument("--start-blend", type=_FRACTION, default=0.0)
+    p.add_argument("--start-blend", type=FRACTION, default=0.0)
     p.add_argument("--reference-quirks", action="store_true",
                    help="reproduce google/prompt-to-prompt's quirks (post-edit stored maps, "
                         "get_word_inds word boundaries, word-swap tail mapping)")
@@ -496,41 +362,48 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", default=None, help="real image to edit (inverted first)")
     src.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")
     p.add_argument("--inversion", choices=["null-text", "ddim"], default="null-text")
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_edit_p2p)
 
     iv = sub.add_parser("invert", help="DDIM / null-text inversion of a real image")
-    _add_model_args(iv)
+    add_model_args(iv)
     iv.add_argument("--image", required=True)
     iv.add_argument("--prompt", required=True)
     iv.add_argument("--method", choices=["null-text", "ddim"], default="null-text")
-    _add_sampling_args(iv, seed=False)
+    add_sampling_args(iv, seed=False)
     iv.set_defaults(func=cmd_invert)
 
     mp = sub.add_parser("maps", help="per-token cross-attention overlays, self-attention PCA")
-    _add_model_args(mp)
+    add_model_args(mp)
     mp.add_argument("--prompt", action="append", required=True)
-    mp.add_argument("--self-resolution", type=_int_type(1), default=None,
+    mp.add_argument("--self-resolution", type=int_type(1), default=None,
                     help="self-attention grid side to capture (default: largest <= 32)")
-    _add_sampling_args(mp)
+    add_sampling_args(mp)
     mp.set_defaults(func=cmd_maps)
 
     d = sub.add_parser("demo", help="generations, attention maps and P2P edits + index.html")
-    _add_model_args(d)
-    _add_sampling_args(d)
+    add_model_args(d)
+    add_sampling_args(d)
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("run", help="run a Python config from configs/")
-    _add_model_args(r)
+    add_model_args(r)
     r.add_argument("config")
-    _add_out_args(r)
+    add_out_args(r)
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("sites", help="list the attention sites of the UNet")
-    _add_model_args(s)
-    s.add_argument("--height", type=_SIZE, default=None)
-    s.add_argument("--width", type=_SIZE, default=None)
+    add_model_args(s)
+    s.add_argument("--height", type=SIZE, default=None)
+    s.add_argument("--width", type=SIZE, default=None)
     s.set_defaults(func=cmd_sites)
+
+    import importlib
+
+    from jattn import commands
+
+    for mod in commands.MODULES:  # the methods' commands, one module each
+        importlib.import_module(f"jattn.commands.{mod}").register(sub, esub)
     return parser
 
 

@@ -10,7 +10,6 @@ never recompile.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -114,11 +113,12 @@ class Pipeline:
         self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
 
     # ------------------------------------------------------------------ text
-    def tokenize(self, prompts: list[str]) -> np.ndarray:
+    def tokenize(self, prompts: list[str], name: str = "prompt") -> np.ndarray:
         """Token ids ``(B, 77)`` int32; raises ValueError for prompts over 77 tokens."""
         from jattn.io.tokenizer import tokenize
 
-        return tokenize(self.tokenizer, prompts, max_length=self.text_config.max_position_embeddings)
+        return tokenize(self.tokenizer, prompts, max_length=self.text_config.max_position_embeddings,
+                        name=name)
 
     def _text_fn(self):
         if "text" not in self._cache:
@@ -131,9 +131,9 @@ class Pipeline:
             self._cache["text"] = jax.jit(encode)
         return self._cache["text"]
 
-    def encode_prompts(self, prompts: list[str]) -> jax.Array:
+    def encode_prompts(self, prompts: list[str], name: str = "prompt") -> jax.Array:
         """Prompt embeddings ``(B, 77, D)`` (last hidden state of the text encoder)."""
-        ids = jnp.asarray(self.tokenize(list(prompts)))
+        ids = jnp.asarray(self.tokenize(list(prompts), name=name))
         return self._text_fn()(self.params["text_encoder"], ids)
 
     # ------------------------------------------------------------------ vae
@@ -256,7 +256,14 @@ class Pipeline:
         (VAE factor × 2^(levels − 1); 32 px for the bundled model, 64 px for SD)."""
         return self.vae_scale_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
 
-    def _check_size(self, height, width, batch: int) -> tuple[int, int]:
+    def check_size(self, height, width, batch: int = 1) -> tuple[int, int]:
+        """``(height, width)`` in pixels (None = the default size), checked against the
+        model (multiples of the VAE factor, at least :meth:`min_size`, at most 16384) and
+        the device's memory for ``batch`` images.
+
+        Raises:
+          ValueError: naming ``height``/``width`` and the valid sizes.
+        """
         f, lo = self.vae_scale_factor, self.min_size()
         out = []
         for name, v in (("height", height), ("width", width)):
@@ -291,7 +298,7 @@ class Pipeline:
         seeds = checks.seed_list(seed, b)
         steps = checks.whole_number(num_inference_steps, "num_inference_steps", minimum=1,
                                     maximum=self.scheduler_config.num_train_timesteps)
-        return b, prompts, seeds, self._check_size(height, width, b), steps
+        return b, prompts, seeds, self.check_size(height, width, b), steps
 
     def generate(
         self,
@@ -379,7 +386,7 @@ class Pipeline:
                 if len(negs) != b:
                     raise ValueError(f"negative_prompt: got {len(negs)} for {b} prompts; give "
                                      "one string or one per prompt.")
-                uncond = self.encode_prompts(negs)
+                uncond = self.encode_prompts(negs, name="negative_prompt")
         else:
             uncond = cond  # placeholder, unused without CFG (keeps one signature)
         schedule = self.schedule(steps, scheduler, eta)

@@ -47,6 +47,8 @@ CASES = [
     (G + OUT + ["--scheduler", "foo"], "--scheduler"),
     (G + OUT + ["--dtype", "float16"], "float16"),
     (G + OUT + ["--prompt", " ".join(["red"] * 90)], "77"),
+    (G + OUT + ["--negative-prompt", " ".join(["red"] * 90)], "negative_prompt"),
+    (["maps", "--prompt", "a red circle", "--self-resolution", "3"] + T + OUT, "no attention"),
     # --- --latents
     (G + OUT + T + ["--latents", "{d}/nan.npy"], "NaN"),
     (G + OUT + T + ["--latents", "{d}/int.npy"], "float"),
@@ -81,6 +83,9 @@ CASES = [
     (P2P + T + OUT + ["--equalize", "red"], "WORD=VALUE"),
     (P2P + T + OUT + ["--cross-steps", "1.5"], "cross_replace_steps"),
     (P2P + T + OUT + ["--start-blend", "2"], "--start-blend"),
+    (P2P + T + OUT + ["--subtract-words", "red"], "blend_words"),   # silently ignored before
+    (P2P + T + OUT + ["--mode", "reweight"], "equalize"),
+    (P2P + T + OUT + ["--self-steps", "2"], "self_replace_steps"),
     (["edit", "p2p", "--prompt", "a red circle", "--target", "a big blue circle", "--steps",
       "2"] + T + OUT, "different"),
     # --- configs for `jattn run`

@@ -97,13 +97,15 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, padding=False, truncation=False, verbose=False)["input_ids"])
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:
+def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MAX_LENGTH, *,
+             name: str = "prompt") -> np.ndarray:
     """Token ids of a batch of prompts, padded to ``max_length`` with the pad id.
 
     Args:
       tokenizer: from ``load_tokenizer``.
       prompts: one prompt or a list of B prompts.
       max_length: ids per prompt, BOS and EOS included (77 for SD's text encoders).
+      name: the argument named in errors (e.g. "negative_prompt").
 
     Returns:
       int32 array (B, max_length): BOS, the prompt's tokens, EOS, then pad ids
@@ -125,7 +127,7 @@ def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = MAX_LENG
         ids = _ids(tokenizer, p)
         if len(ids) > max_length:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens including BOS/EOS, more than {max_length}: "
+                f"{name} {i} has {len(ids)} tokens including BOS/EOS, more than {max_length}: "
                 f"{p[:60]!r}{'...' if len(p) > 60 else ''}. Shorten the prompt; SD's text "
                 f"encoder sees {max_length} tokens.")
         out[i, : len(ids)] = ids

@@ -179,6 +179,10 @@ def p2p_policy(
         rules.append((replaced, SelfReplace(window=jnp.asarray([s0, s1], jnp.int32),
                                             via_qkv=not captured)))
     policies = [resolve(rules, sites, layout=layout, record_post_edit=reference_quirks)]
+    if subtract_words and not blend_words:
+        raise ValueError("subtract_words: it removes words from the local-blend mask, which "
+                         "only exists with blend_words; give blend_words too (CLI: "
+                         "--blend-words WORD).")
     if blend_words:
         res = _blend_resolution(sites, (lat_h, lat_w), blend_resolution)
         all_prompts = [[s] + t for s, t in zip(sources, target_lists)]

@@ -150,7 +150,7 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
     if method not in ("null-text", "ddim"):
         raise ValueError(f"method={method!r}: choose 'null-text' or 'ddim'")
     images = as_uint8_images(images, "images")
-    pipe._check_size(images.shape[1], images.shape[2], images.shape[0])
+    pipe.check_size(images.shape[1], images.shape[2], images.shape[0])
     prompts = checks.prompt_list(prompt, "prompt")
     prompts = prompts * images.shape[0] if isinstance(prompt, str) else prompts
     if len(prompts) != images.shape[0]:

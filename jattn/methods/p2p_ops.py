@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jattn.policy.core import Op, SiteContext, in_window
+from jattn.policy.ops import take_members
 
 Array = jax.Array
 
@@ -126,11 +127,10 @@ class SelfReplace(Op):
         return not self.via_qkv
 
     def _to_source(self, ctx: SiteContext, x: Array) -> Array:
-        parts = _cond_split(ctx, x)
-        cond = parts[-1]
-        new = jnp.where(in_window(ctx.step, self.window),
-                        jnp.broadcast_to(cond[:, :1], cond.shape), cond)
-        return ctx.layout.merge(parts.at[-1].set(new))
+        m = ctx.layout.members  # in the window every member takes member 0's rows
+        row = jnp.where(in_window(ctx.step, self.window), jnp.zeros(m, jnp.int32),
+                        jnp.arange(m, dtype=jnp.int32))
+        return take_members(ctx, x, row, "cond")
 
     def qkv(self, ctx: SiteContext, q: Array, k: Array, v: Array):
         if not self.via_qkv:

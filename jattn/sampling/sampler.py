@@ -1,7 +1,10 @@
 """The one sampler loop: ``lax.scan`` over denoising steps, CFG, policies, per-sample keys.
 
 Every generation and every editing method of jattn runs through :func:`sample`; methods
-differ only in the policy, the guidance hook and the per-step callback they pass.
+differ only in the policy, the guidance hook, the per-step callback and the
+:class:`SamplerHooks` they pass. A new per-step need (given noise maps, a start step,
+later re-imposed latents or a second UNet pass) becomes a field of :class:`SamplerHooks`,
+never a keyword per method and never a copy of the loop.
 
 Batch layout: latents ``(B, h, w, C)`` NHWC inside jattn (the pipeline converts from/to
 diffusers' NCHW at the API boundary). With classifier-free guidance the UNet sees the
@@ -10,17 +13,20 @@ batch ``[uncond (B); cond (B)]`` (diffusers' order), i.e. ``2B`` rows.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jattn.sampling import schedulers as sch
 
 Array = jax.Array
 
-__all__ = ["sample", "per_sample_keys", "initial_noise", "UNetFn"]
+__all__ = ["sample", "SamplerHooks", "guided_eps", "per_sample_keys", "initial_noise",
+           "UNetFn"]
 
 # unet_fn(latents (B', h, w, C), timesteps (B',), context (B', S, D), policy, step)
 #   -> (eps (B', h, w, C), aux dict)
@@ -36,6 +42,76 @@ def initial_noise(keys: Array, shape_hwc: tuple[int, int, int], dtype=jnp.float3
     """Unit Gaussian latents ``(B, h, w, C)``, sample b drawn from ``keys[b]`` only."""
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x1A7E), shape_hwc,
                                                 dtype))(keys)
+
+
+@struct.dataclass
+class SamplerHooks:
+    """Per-step inputs of the sampler loop other than the policy (a small pytree).
+
+    Every field left at its default leaves the loop exactly as without hooks
+    (``hooks=SamplerHooks()`` gives bit-identical latents to ``hooks=None``).
+
+    Attributes:
+      noise: float32 ``(n_steps, B, h, w, C)`` or None: the variance noise of each step of a
+        stochastic scheduler (DDPM, DDIM with eta > 0), used instead of drawing it from
+        the per-sample keys; row ``i`` is the noise of step index ``i`` (absolute, also
+        when ``start_step > 0``). Edit-friendly DDPM inversion's noise maps
+        (:mod:`jattn.sampling.ddpm_inversion`). Dynamic: new values never recompile.
+      start_step: static int; the loop runs step indices ``[start_step, n_steps)`` (the
+        timesteps ``schedule.timesteps[start_step:]``), starting from the given latents,
+        which must then be the latents at ``timesteps[start_step]`` (DDPM inversion's
+        ``skip``, SDEdit-style strength). Step indices seen by the policy, guidance,
+        ``uncond_per_step`` and ``noise`` stay absolute. Changing it recompiles (the loop
+        length is static).
+    """
+
+    noise: Array | None = None
+    start_step: int = struct.field(pytree_node=False, default=0)
+
+
+def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) -> None:
+    n = schedule.timesteps.shape[0]
+    start = hooks.start_step
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < n:
+        raise ValueError(f"hooks.start_step={hooks.start_step!r}: must be an int in "
+                         f"[0, {n}) for a schedule of {n} steps")
+    if hooks.noise is not None:
+        want = (n,) + tuple(latents.shape)
+        if tuple(hooks.noise.shape) != want:
+            raise ValueError(f"hooks.noise: shape {tuple(hooks.noise.shape)}, expected "
+                             f"(n_steps, B, h, w, C) = {want}")
+        if not schedule.stochastic:
+            raise ValueError(f"hooks.noise: scheduler kind={schedule.kind!r} adds no noise; "
+                             "given noise maps need 'ddpm' or 'ddim' with eta > 0")
+
+
+def guided_eps(unet_fn: UNetFn, x_in: Array, t: Array, cond: Array, uncond: Array | None,
+               guidance_scale: Array, guidance_rescale: Array, policy: Any, i: Array
+               ) -> tuple[Array, dict]:
+    """The model output of one step with classifier-free guidance (the sampler's, shared
+    with the inversions so that they see exactly the loop's prediction).
+
+    Args:
+      x_in: ``(B, h, w, C)`` model input (after ``scale_model_input``).
+      t: () timestep; cond / uncond: ``(B, S, D)``, ``uncond`` None for no CFG.
+      guidance_scale: () or broadcastable to ``(B, 1, 1, 1)``; guidance_rescale: ().
+    Returns:
+      ``(eps (B, h, w, C) float32, aux)``: ``e_u + s (e_c - e_u)`` (then rescaled, see
+      :func:`sample`) with the UNet run once on ``[uncond; cond]`` (diffusers' order).
+    """
+    b = x_in.shape[0]
+    if uncond is not None:
+        x_in = jnp.concatenate([x_in, x_in], axis=0)
+        ctx = jnp.concatenate([uncond, cond], axis=0)
+    else:
+        ctx = cond
+    eps, aux = unet_fn(x_in, jnp.broadcast_to(t, (x_in.shape[0],)), ctx, policy, i)
+    eps = eps.astype(jnp.float32)
+    if uncond is not None:
+        e_u, e_c = eps[:b], eps[b:]
+        eps = e_u + guidance_scale * (e_c - e_u)
+        eps = _rescale_cfg(eps, e_c, guidance_rescale)
+    return eps, aux
 
 
 def _step_keys(keys: Array, i: Array) -> Array:
@@ -66,6 +142,7 @@ def sample(
     uncond_per_step: Array | None = None,
     guidance: Any = None,
     guidance_rescale: Array | float = 0.0,
+    hooks: SamplerHooks | None = None,
 ) -> tuple[Array, Any]:
     """Run the denoising loop. Pure; call it under ``jax.jit``.
 
@@ -93,8 +170,13 @@ def sample(
         ``phi * cfg * std(cond) / std(cfg) + (1 - phi) * cfg`` (Lin et al. 2024, sec. 3.4,
         against over-exposure of zero-terminal-SNR models; diffusers' ``guidance_rescale``,
         ``rescale_noise_cfg``); 0 leaves CFG as is.
+      hooks: :class:`SamplerHooks` (given per-step noise, start step); None or default
+        fields: the plain loop.
     Returns:
       ``(final latents (B, h, w, C), aggregated aux)``.
+    Raises:
+      ValueError: ``hooks.start_step`` outside ``[0, n_steps)``; ``hooks.noise`` of the
+        wrong shape, or given to a deterministic scheduler.
     """
     do_cfg = uncond is not None or uncond_per_step is not None
     gs = jnp.asarray(guidance_scale, jnp.float32)
@@ -102,9 +184,10 @@ def sample(
         gs = gs[:, None, None, None]
     gr = jnp.asarray(guidance_rescale, jnp.float32)
     n = schedule.timesteps.shape[0]
-    b = latents.shape[0]
     latents = latents.astype(jnp.float32)  # the carry stays float32 whatever the UNet dtype
     state0 = sch.init_state(schedule, latents)
+    hooks = SamplerHooks() if hooks is None else hooks
+    _check_hooks(hooks, schedule, latents)
 
     def body(carry, i):
         x, state, acc = carry
@@ -119,20 +202,13 @@ def sample(
                                          z, t, cond, i),
                 lambda z: (z, jnp.zeros((), jnp.float32)), x)
         x_in = sch.scale_model_input(schedule, x, i)
+        u = None
         if do_cfg:
             u = uncond_per_step[i] if uncond_per_step is not None else uncond
-            x_in = jnp.concatenate([x_in, x_in], axis=0)
-            ctx = jnp.concatenate([u, cond], axis=0)
-        else:
-            ctx = cond
-        tt = jnp.broadcast_to(t, (x_in.shape[0],))
-        eps, aux = unet_fn(x_in, tt, ctx, policy, i)
-        eps = eps.astype(jnp.float32)
-        if do_cfg:
-            e_u, e_c = eps[:b], eps[b:]
-            eps = e_u + gs * (e_c - e_u)
-            eps = _rescale_cfg(eps, e_c, gr)
-        x_new, state, x0 = sch.step(schedule, state, eps, i, x, key=_step_keys(keys, i))
+        eps, aux = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, policy, i)
+        noise = hooks.noise[i] if hooks.noise is not None else None
+        x_new, state, x0 = sch.step(schedule, state, eps, i, x, key=_step_keys(keys, i),
+                                    noise=noise)
         if aux_update is not None:
             acc = aux_update(acc, aux, i)
         if callback is not None:
@@ -140,5 +216,6 @@ def sample(
             x_new, acc = out["latents"], out["aux"]
         return (x_new, state, acc), None
 
-    (x, _, acc), _ = jax.lax.scan(body, (latents, state0, aux_init), jnp.arange(n))
+    steps = jnp.arange(int(hooks.start_step), n)
+    (x, _, acc), _ = jax.lax.scan(body, (latents, state0, aux_init), steps)
     return x, acc

@@ -1,0 +1,91 @@
+"""SamplerHooks of the one sampler loop: default hooks change nothing (bit for bit), given
+noise replaces the scheduler's draw at the right step, start_step runs timesteps[s:] with
+absolute step indices, and bad hooks raise."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn.sampling import schedulers as sch
+from jattn.sampling.sampler import SamplerHooks, per_sample_keys, sample
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_dir):
+    return jattn.load(tiny_sd_dir)
+
+
+def test_empty_hooks_are_bit_identical_to_none(pipe):
+    """hooks=SamplerHooks() takes exactly the plain path (DDPM: the noise drawn from the
+    per-sample keys), so adding the hooks argument changed no existing result."""
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, scheduler="ddpm", seed=[4, 9],
+              decode=False)
+    a = pipe.generate(["a photo", "a cat"], hooks=None, **kw)
+    b = pipe.generate(["a photo", "a cat"], hooks=SamplerHooks(), **kw)
+    assert np.array_equal(a.latents, b.latents)
+
+
+def test_given_noise_replaces_the_draw_step_by_step(pipe):
+    """Feeding the very noise the loop would draw (key of sample b, step i folded in)
+    reproduces the seeded run (to float32 rounding: the two programs fuse differently);
+    the same noise in another step order gives another image."""
+    seeds = [4, 9]
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, scheduler="ddpm", seed=seeds,
+              decode=False)
+    ref = pipe.generate(["a photo", "a cat"], **kw)
+    keys = per_sample_keys(np.asarray(seeds, np.uint32))
+    shape = (8, 8, 4)
+    noise = jnp.stack([jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1),
+                                                            shape))(keys) for i in range(4)])
+    same = pipe.generate(["a photo", "a cat"], hooks=SamplerHooks(noise=noise), **kw)
+    np.testing.assert_allclose(same.latents, ref.latents, rtol=1e-5, atol=1e-5)
+    other = pipe.generate(["a photo", "a cat"], hooks=SamplerHooks(noise=noise[::-1]), **kw)
+    assert np.abs(other.latents - ref.latents).max() > 1e-3
+
+
+def _toy_unet(x, t, ctx, policy, step):
+    """eps depending on the latents, the timestep and the step index (to catch a loop that
+    passes relative step indices after start_step)."""
+    return 0.3 * x + 1e-3 * t.astype(jnp.float32)[:, None, None, None] + 0.05 * step, {}
+
+
+@pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 1.0), ("dpm++2m", 0.0)])
+def test_start_step_runs_the_tail_of_the_schedule(kind, eta):
+    """start_step=s from x_s equals steps s..n-1 taken one by one with absolute indices."""
+    schedule = sch.make_schedule(sch.SchedulerConfig(kind=kind, eta=eta), 6)
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    cond = jnp.zeros((2, 5, 7))
+    noise = jax.random.normal(jax.random.key(2), (6, 2, 4, 4, 3)) if eta else None
+    s = 2
+    state = sch.init_state(schedule, x)
+    for i in range(s, 6):
+        eps, _ = _toy_unet(x, jnp.broadcast_to(schedule.timesteps[i], (2,)), cond, None, i)
+        x_next, state, _ = sch.step(schedule, state, eps, i, x,
+                                    noise=None if noise is None else noise[i])
+        if i == s:
+            x_start = x
+        x = x_next
+    got, _ = jax.jit(lambda x0: sample(_toy_unet, schedule, x0, cond, None, 1.0, keys,
+                                       hooks=SamplerHooks(noise=noise, start_step=s)))(x_start)
+    np.testing.assert_allclose(got, x, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_hooks_raise():
+    schedule = sch.make_schedule(sch.SchedulerConfig(kind="ddim", eta=1.0), 3)
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jnp.zeros((2, 4, 4, 3))
+    cond = jnp.zeros((2, 5, 7))
+    run = lambda hooks, sched=schedule: sample(_toy_unet, sched, x, cond, None, 1.0, keys,  # noqa: E731
+                                               hooks=hooks)
+    with pytest.raises(ValueError, match=r"hooks.start_step=3: must be an int in \[0, 3\)"):
+        run(SamplerHooks(start_step=3))
+    with pytest.raises(ValueError, match=r"hooks.noise: shape \(2, 2, 4, 4, 3\)"):
+        run(SamplerHooks(noise=jnp.zeros((2, 2, 4, 4, 3))))
+    with pytest.raises(ValueError, match="adds no noise"):
+        run(SamplerHooks(noise=jnp.zeros((3, 2, 4, 4, 3))),
+            sch.make_schedule(sch.SchedulerConfig(kind="euler"), 3))

@@ -72,6 +72,7 @@ CASES = [
     (P2P + T + OUT + ["--image", "{d}"], "is a folder"),
     (P2P + T + OUT + ["--image", "{d}/notes.txt"], "not a readable image"),
     (P2P + T + OUT + ["--image", "{d}/missing.png"], "no such file"),
+    (P2P + T + OUT + ["--image", "/dev/zero"], "not a regular file"),           # never hangs
     (P2P + T + OUT + ["--image", "{d}/photo.png", "--inversion-file", "{d}/inv.npz"],
      "not allowed with"),
     (P2P + T + OUT + ["--inversion-file", "{d}/notes.txt"], "damaged"),

@@ -34,6 +34,9 @@ def load_image(path: str | Path, size: int | tuple[int, int], *, arg: str = "ima
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{arg}={str(path)!r} is a folder; give an image file (PNG, JPEG, …).")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{arg}={str(path)!r} is not a regular file (a device or pipe); give "
+                         "an image file (PNG, JPEG, …).")
     if not p.is_file():
         raise FileNotFoundError(f"{arg}={str(path)!r}: no such file")
     h, w = (size, size) if isinstance(size, int) else size

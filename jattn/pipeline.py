@@ -412,6 +412,9 @@ class Pipeline:
             if uncond_per_step is not None:
                 uncond_per_step = jax.device_put(uncond_per_step,
                                                  NamedSharding(mesh, P(None, "data")))
+            if getattr(hooks, "noise", None) is not None:  # per-step rows with the batch
+                hooks = hooks.replace(noise=jax.device_put(
+                    hooks.noise, NamedSharding(mesh, P(None, "data"))))
             unet_params = self._replicated(mesh)
         final, aux = fn(unet_params, schedule, x, cond, uncond, gs, keys, policy,
                         uncond_per_step, guidance, jnp.asarray(guidance_rescale, jnp.float32),

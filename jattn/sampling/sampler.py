@@ -63,10 +63,20 @@ class SamplerHooks:
         ``skip``, SDEdit-style strength). Step indices seen by the policy, guidance,
         ``uncond_per_step`` and ``noise`` stay absolute. Changing it recompiles (the loop
         length is static).
+      second_scale: float32 ``(n_steps,)`` or None: a second UNet pass per step with
+        ``second_policy``, combined as ``eps = eps_2nd + s_i·(eps − eps_2nd)`` (CFG, if on,
+        inside each pass); where ``s_i == 1`` the second pass is skipped (``lax.cond``) and
+        eps is the first pass's exactly. Cross-Image Attention's swap guidance (garibida/
+        cross-image-attention ``models/stable_diffusion.py``: swap / no-swap passes).
+        Dynamic: new scales never recompile.
+      second_policy: the attention policy of the second pass (None: plain attention); what
+        it records is not aggregated.
     """
 
     noise: Array | None = None
     start_step: int = struct.field(pytree_node=False, default=0)
+    second_scale: Array | None = None
+    second_policy: Any = None
 
 
 def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) -> None:
@@ -75,6 +85,9 @@ def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) ->
     if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < n:
         raise ValueError(f"hooks.start_step={hooks.start_step!r}: must be an int in "
                          f"[0, {n}) for a schedule of {n} steps")
+    if hooks.second_scale is not None and tuple(hooks.second_scale.shape) != (n,):
+        raise ValueError(f"hooks.second_scale: shape {tuple(hooks.second_scale.shape)}, "
+                         f"expected (n_steps,) = ({n},)")
     if hooks.noise is not None:
         want = (n,) + tuple(latents.shape)
         if tuple(hooks.noise.shape) != want:
@@ -206,6 +219,14 @@ def sample(
         if do_cfg:
             u = uncond_per_step[i] if uncond_per_step is not None else uncond
         eps, aux = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, policy, i)
+        if hooks.second_scale is not None:  # second pass: eps_2 + s (eps - eps_2)
+            s_i = hooks.second_scale[i]
+
+            def second(e):
+                e2, _ = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, hooks.second_policy, i)
+                return e2 + s_i * (e - e2)
+
+            eps = jax.lax.cond(s_i != 1.0, second, lambda e: e, eps)
         noise = hooks.noise[i] if hooks.noise is not None else None
         x_new, state, x0 = sch.step(schedule, state, eps, i, x, key=_step_keys(keys, i),
                                     noise=noise)

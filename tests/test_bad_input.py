@@ -25,6 +25,7 @@ G = ["generate", "--prompt", "a red circle", "--steps", "2"]
 P2P = ["edit", "p2p", "--prompt", "a red circle", "--target", "a blue circle", "--steps", "2"]
 INV = ["invert", "--prompt", "a photo", "--steps", "2", "--method", "ddim"]
 OUT = ["--out-dir", "{d}/out"]
+MIX = ["edit", "mix", "--prompt", "a red circle", "--steps", "2"]
 
 CASES = [
     # --- numbers that were silently wrong or tracebacks
@@ -89,6 +90,16 @@ CASES = [
     (P2P + T + OUT + ["--self-steps", "2"], "self_replace_steps"),
     (["edit", "p2p", "--prompt", "a red circle", "--target", "a big blue circle", "--steps",
       "2"] + T + OUT, "different"),
+    # --- edit mix (prompt mixing)
+    (MIX + T + OUT + ["--word", "dog", "--proxy", "square"], "--word"),
+    (MIX + T + OUT + ["--word", "circle"], "--proxy"),
+    (MIX + T + OUT + ["--word", "circle", "--proxy", "lasagne"], "--proxy: 'lasagne'"),
+    (MIX + T + OUT + ["--word", "circle", "--proxy", "square", "--window", "0.5", "0.2"],
+     "--window"),
+    (MIX + T + OUT + ["--word", "circle", "--proxy", "square", "--window", "0.1", "2"],
+     "--window"),
+    (MIX + T + OUT + ["--word", "circle", "--proxy", "square", "--preserve", "dog"],
+     "--preserve"),
     # --- configs for `jattn run`
     (["run", "{d}/cfg_syntax.py"] + T + OUT, "syntax error"),
     (["run", "{d}/cfg_unknown.py"] + T + OUT, "unknown key"),

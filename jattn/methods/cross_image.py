@@ -445,7 +445,10 @@ def cross_image(pipe, structure: Any, appearance: Any, prompt: str | None = None
         (default: the prompt's last word when a prompt is given; None = plain AdaIN),
         ``nouns``, ``masked_adain``, ``adain``, ``swap`` (False = plain regeneration, the
         baseline), ``generate_steps`` (50), ``generate_guidance_scale`` (7.5),
-        ``reference_quirks``, ``decode``.
+        ``guidance_scale`` (CFG of the loop; the reference: 1 = none. At the inversion's
+        scale the APP and STRUCT members regenerate their inputs exactly; both CFG halves
+        are swapped, each pass does CFG, then swap guidance), ``reference_quirks``,
+        ``decode``.
     Returns:
       :class:`CrossImageOutput`; ``images`` = [OUT, APP, STRUCT].
     Raises:
@@ -461,8 +464,8 @@ def _run(pipe, structures, appearances, prompt, *, num_inference_steps: int = 10
          contrast_strength: float = 1.67, inversion_guidance_scale: float = 3.5,
          object_word: str | None = "", nouns=None, masked_adain: bool = True,
          adain: bool = True, swap: bool = True, generate_steps: int = 50,
-         generate_guidance_scale: float = 7.5, reference_quirks: bool = False,
-         decode: bool = True) -> CrossImageOutput:
+         generate_guidance_scale: float = 7.5, guidance_scale: float = 1.0,
+         reference_quirks: bool = False, decode: bool = True) -> CrossImageOutput:
     from jattn.io import checks
     from jattn.sampling.ddpm_inversion import ddpm_invert
     from jattn.sampling.sampler import SamplerHooks
@@ -530,13 +533,14 @@ def _run(pipe, structures, appearances, prompt, *, num_inference_steps: int = 10
                                     contrast_strength=contrast_strength, prompt=prompt,
                                     object_word=object_word, nouns=nouns,
                                     masked_adain=masked_adain, adain=adain, height=height,
-                                    width=width, reference_quirks=reference_quirks)
+                                    width=width, reference_quirks=reference_quirks,
+                                    cfg=guidance_scale > 1.0)
         span = (min(st["high"][0], st["low"][0]), max(st["high"][1], st["low"][1]))
         scales = swap_guidance_scales(n, st["skip"], swap_guidance_scale, span,
                                       reference_quirks=reference_quirks)
     second = {"second_scale": jnp.asarray(scales)} if bool((scales != 1.0).any()) else {}
     hooks = SamplerHooks(noise=jnp.asarray(noise), start_step=st["skip"], **second)
-    out = pipe.generate([prompt] * (3 * g), num_inference_steps=n, guidance_scale=1.0,
+    out = pipe.generate([prompt] * (3 * g), num_inference_steps=n, guidance_scale=guidance_scale,
                         scheduler="ddim", eta=1.0, seed=list(range(3 * g)),
                         latents=x0.transpose(0, 3, 1, 2), policy=policy, hooks=hooks,
                         height=height, width=width, decode=decode)
@@ -552,6 +556,7 @@ def _run(pipe, structures, appearances, prompt, *, num_inference_steps: int = 10
                     adain=st["adain"] if adain else None, object_word=object_word,
                     swap_guidance_scale=swap_guidance_scale, contrast_strength=contrast_strength,
                     inversion_guidance_scale=inversion_guidance_scale, prompt=prompt,
+                    guidance_scale=guidance_scale,
                     reference_quirks=reference_quirks, swap=swap)
     return CrossImageOutput(images=out.images, latents=out.latents,
                             inputs=np.stack([app_imgs, struct_imgs], axis=1), masks=masks,

@@ -25,6 +25,7 @@ G = ["generate", "--prompt", "a red circle", "--steps", "2"]
 P2P = ["edit", "p2p", "--prompt", "a red circle", "--target", "a blue circle", "--steps", "2"]
 INV = ["invert", "--prompt", "a photo", "--steps", "2", "--method", "ddim"]
 OUT = ["--out-dir", "{d}/out"]
+CI = ["cross-image", "--structure", "{d}/photo.png", "--steps", "2"]
 MIX = ["edit", "mix", "--prompt", "a red circle", "--steps", "2"]
 
 CASES = [
@@ -100,6 +101,17 @@ CASES = [
      "--window"),
     (MIX + T + OUT + ["--word", "circle", "--proxy", "square", "--preserve", "dog"],
      "--preserve"),
+    # --- jattn cross-image (Cross-Image Attention)
+    (CI + T + OUT + ["--appearance", "{d}/notes.txt"], "--appearance"),
+    (CI + T + OUT + ["--appearance", "{d}/missing.png"], "no such file"),
+    (CI + T + OUT + ["--appearance", "{d}"], "is a folder"),
+    (CI + T + OUT + ["--appearance", "{d}/photo.png", "--object-word", "circle"],
+     "--object-word"),
+    (CI + T + OUT + ["--appearance", "{d}/photo.png", "--prompt", "a red circle",
+                     "--object-word", "dog"], "object_word"),
+    (CI + T + OUT + ["--appearance", " "], "appearance"),
+    (CI + T + OUT + ["--appearance", "{d}/photo.png", "--contrast-strength", "-1"],
+     "--contrast-strength"),
     # --- configs for `jattn run`
     (["run", "{d}/cfg_syntax.py"] + T + OUT, "syntax error"),
     (["run", "{d}/cfg_unknown.py"] + T + OUT, "unknown key"),
@@ -185,6 +197,8 @@ def test_table_size():
 def _api_cases(pipe):
     from jattn.sampling.inversion import invert
 
+    from jattn.methods.cross_image import cross_image
+
     photo01 = np.random.default_rng(0).random((1, 16, 16, 3))
     return [
         (lambda: pipe.generate([]), ValueError, "prompt"),
@@ -209,6 +223,9 @@ def _api_cases(pipe):
                         num_inference_steps=2), ValueError, "shape"),
         (lambda: pipe.encode_images(np.full((1, 16, 16, 3), 300.0)), ValueError, "0..255"),
         (lambda: pipe.generate("a", num_inference_steps=1000), ValueError, "at most 999"),
+        (lambda: cross_image(pipe, np.zeros((32, 32, 3), np.uint8),
+                             np.zeros((64, 32, 3), np.uint8), num_inference_steps=2),
+         ValueError, "appearance"),
     ]
 
 

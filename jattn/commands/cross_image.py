@@ -2,7 +2,7 @@
 SIGGRAPH 2024; :mod:`jattn.methods.cross_image`).
 
   jattn cross-image --structure PATH|TEXT --appearance PATH|TEXT [--prompt TEXT]
-      [--object-word WORD] [--seed N] [--steps N] --out-dir DIR
+      [--object-word WORD] [--seed N] [--steps N] [--guidance-scale S] --out-dir DIR
 
 Writes ``000.png`` the output, ``001.png`` the appearance and ``002.png`` the structure (as
 the loop regenerates them from their inversions, or generated from a text), ``grid.png``
@@ -66,6 +66,7 @@ def cmd_cross_image(args) -> int:
                       num_inference_steps=args.steps, seed=args.seed,
                       swap_guidance_scale=args.swap_guidance_scale,
                       contrast_strength=args.contrast_strength,
+                      guidance_scale=args.guidance_scale,
                       object_word=args.object_word if args.object_word else "",
                       masked_adain=not args.no_masked_adain,
                       reference_quirks=args.reference_quirks)
@@ -109,6 +110,9 @@ def register(sub, edit_sub) -> None:
     p.add_argument("--swap-guidance-scale", type=GUIDANCE, default=3.5,
                    help="swap guidance (second UNet pass without swap; <= 1: off)")
     p.add_argument("--contrast-strength", type=float_type(0.0), default=1.67)
+    p.add_argument("--guidance-scale", type=GUIDANCE, default=1.0,
+                   help="CFG of the loop (the reference: 1 = none; 3.5 = the inversion's scale "
+                        "regenerates the inputs exactly, which the bundled model needs)")
     p.add_argument("--no-masked-adain", action="store_true",
                    help="AdaIN over the whole latents instead of inside the object masks")
     p.add_argument("--reference-quirks", action="store_true",

@@ -482,6 +482,12 @@ def _run(pipe, structures, appearances, prompt, *, num_inference_steps: int = 10
     if object_word == "":  # default: the prompt's last word (the reference's domain noun)
         words = prompt.split()
         object_word = words[-1] if words else None
+    if swap and adain and masked_adain and object_word is not None:
+        for word in [object_word] + list(nouns or []):
+            if len(word_token_indices(pipe.tokenizer, prompt, word)) == 0:
+                raise ValueError(f"object_word/nouns: {word!r} is not a word of the prompt "
+                                 f"{prompt!r}; the AdaIN masks need the noun's attention "
+                                 "(give a prompt that contains it, or masked_adain=False)")
     swap_guidance_scale = checks.finite_number(swap_guidance_scale, "swap_guidance_scale",
                                                minimum=0.0)
     contrast_strength = checks.finite_number(contrast_strength, "contrast_strength",

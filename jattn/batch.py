@@ -1,0 +1,854 @@
+"""Large batch generation: a resumable, sharded job over devices and processes.
+
+``jattn batch JOB.jsonl --out-dir DIR`` (see :func:`run_job`). Each line of the job is one
+request ``{"id": …, "prompt": …, "seed": …}`` with optional settings (``steps``,
+``guidance_scale``, ``negative_prompt``, ``height``, ``width``, ``scheduler``) and an
+optional ``"method": "p2p"`` with Prompt-to-Prompt arguments (``targets``, ``mode``,
+``cross_replace_steps``, ``self_replace_steps``, ``equalize``, ``blend_words``, …): one such
+request is one group ``[source, *targets]`` of images.
+
+Pipeline of one process:
+
+1. the whole file is read and validated before any work (:func:`read_job`): a mistake
+   raises ``ValueError`` naming ``FILE:LINE``;
+2. requests are split over processes deterministically (sorted by id, round-robin by
+   process index, :func:`split`); each process skips the requests already present in its
+   completed shards (resume);
+3. its requests are bucketed by compiled structure (method, steps, size, CFG on/off,
+   scheduler, group size, method arguments) and cut into batches of ``batch_size``
+   requests per device; the batch axis is sharded over a ``("data",)`` mesh of the
+   process's devices, whole groups per device; the last batch is padded by repeating a
+   request (its outputs dropped);
+4. outputs go to WebDataset tar shards ``shards/p{P:03d}-{N:06d}.tar`` (``{key}.png``,
+   ``{key}.json``) written under a temporary name and renamed when complete, then the
+   process's Parquet index ``index/p{P:03d}.parquet`` (request id → shard, key) is
+   rewritten atomically; after every process is done, process 0 writes ``manifest.json``.
+
+Resume: the done requests of a process are those of its completed shards (the index,
+reconciled with shard files that a kill left unindexed, whose members are read back), so a
+job killed at any moment and restarted with the same command ends with every request
+exactly once.
+
+Multi-process: every process runs the same command; ``jax.distributed.initialize`` joins
+them (auto-detected on TPU/Slurm, or ``coordinator``/``num_processes``/``process_id``).
+Each process generates its share on its **own local devices** (a mesh per process, no
+cross-process program, no all-gather of images) and writes only its own shards; the
+distributed runtime serves the split (process index/count) and the final barrier.
+
+Determinism: a request's images depend only on the request and on the per-device batch
+shape (``batch_size``): the same whatever the number of devices or processes, the order of
+the requests, the other requests of its batch and the resume history. XLA's CPU kernels
+round differently for different batch shapes (≤ 4e-5 in the latents of the tiny test
+model), so keep ``batch_size`` fixed across a job's restarts (it is recorded in
+``job.json`` and a restart with another value is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Request", "read_job", "split", "run_job", "BatchSettings", "JobResult",
+           "REQUEST_KEYS", "P2P_KEYS", "METHODS"]
+
+MAX_SEED = 2**32 - 1
+SCHEDULERS = ("ddim", "ddpm", "euler", "dpm++2m")
+METHODS = ("generate", "p2p")
+REQUEST_KEYS = ("id", "prompt", "seed", "steps", "guidance_scale", "negative_prompt",
+                "height", "width", "scheduler", "method")
+P2P_KEYS = ("targets", "mode", "cross_replace_steps", "self_replace_steps", "equalize",
+            "blend_words", "subtract_words", "start_blend", "blend_threshold",
+            "self_max_tokens")
+JOB_FILE = "job.json"
+MANIFEST = "manifest.json"
+_TMP = ".jattn-tmp-"
+
+
+# ---------------------------------------------------------------------- requests
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One validated line of the job.
+
+    Attributes:
+      line: 1-based line number in the job file.
+      id: the request id (str).
+      raw: the line's JSON object as given.
+      prompt, seed, steps, guidance_scale, negative_prompt, height, width, scheduler:
+        settings (None = the job's default / the model's).
+      method: "generate" or "p2p".
+      args: the method's arguments (p2p: ``targets`` list and the rest), a JSON dict.
+      key: the WebDataset key stem (the id made file-name safe, unique in the job).
+    """
+
+    line: int
+    id: str
+    raw: dict
+    prompt: str
+    seed: int
+    steps: int | None
+    guidance_scale: float | None
+    negative_prompt: str
+    height: int | None
+    width: int | None
+    scheduler: str | None
+    method: str
+    args: dict
+    key: str = ""
+
+    @property
+    def members(self) -> int:
+        return 1 + len(self.args["targets"]) if self.method == "p2p" else 1
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] + list(self.args["targets"]) if self.method == "p2p" \
+            else [self.prompt]
+
+
+def _err(path, line: int, msg: str) -> ValueError:
+    return ValueError(f"{path}:{line}: {msg}")
+
+
+def _int(v, name, path, line, lo=None, hi=None):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+            (isinstance(v, float) and not v.is_integer()):
+        raise _err(path, line, f'"{name}": {json.dumps(v)} is not a whole number')
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f"≥ {lo}"
+        raise _err(path, line, f'"{name}": {v} is outside {rng}')
+    return v
+
+
+def _float(v, name, path, line, lo=None, hi=None):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _err(path, line, f'"{name}": {json.dumps(v)} is not a finite number')
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo:g}, {hi:g}]" if hi is not None else f"≥ {lo:g}"
+        raise _err(path, line, f'"{name}": {v:g} is outside {rng}')
+    return float(v)
+
+
+def _str(v, name, path, line, allow_empty=True):
+    if not isinstance(v, str):
+        raise _err(path, line, f'"{name}": {json.dumps(v)[:60]} is not a string')
+    if not allow_empty and not v.strip():
+        raise _err(path, line, f'"{name}": empty')
+    return v
+
+
+def _words(v, name, path, line):
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(w, str) and w for w in v):
+        raise _err(path, line, f'"{name}": give a list of words, e.g. ["cat"]')
+    return list(v)
+
+
+def _window(v, name, path, line):
+    if isinstance(v, list) and len(v) == 2:
+        a, b = (_float(x, name, path, line, 0.0, 1.0) for x in v)
+        if a > b:
+            raise _err(path, line, f'"{name}": start {a:g} after end {b:g}')
+        return [a, b]
+    return _float(v, name, path, line, 0.0, 1.0)
+
+
+def _p2p_args(obj: dict, path, line) -> dict:
+    from jattn.methods.p2p import MODES
+
+    if "targets" not in obj:
+        raise _err(path, line, '"method": "p2p" needs "targets": ["edited prompt", …]')
+    t = obj["targets"]
+    if isinstance(t, str):
+        t = [t]
+    if not isinstance(t, list) or not t:
+        raise _err(path, line, '"targets": give a non-empty list of prompts')
+    args: dict[str, Any] = {"targets": [_str(x, "targets", path, line, False) for x in t]}
+    mode = obj.get("mode", "replace")
+    if mode not in MODES:
+        raise _err(path, line, f'"mode": {json.dumps(mode)}; choose one of {", ".join(MODES)}')
+    args["mode"] = mode
+    if "cross_replace_steps" in obj:
+        args["cross_replace_steps"] = _window(obj["cross_replace_steps"],
+                                              "cross_replace_steps", path, line)
+    if "self_replace_steps" in obj:
+        args["self_replace_steps"] = _window(obj["self_replace_steps"], "self_replace_steps",
+                                             path, line)
+    if "equalize" in obj:
+        eq = obj["equalize"]
+        if not isinstance(eq, dict) or not eq:
+            raise _err(path, line, '"equalize": give {"word": weight, …}')
+        args["equalize"] = {str(k): _float(v, f"equalize.{k}", path, line)
+                            for k, v in eq.items()}
+    elif mode == "reweight":
+        raise _err(path, line, '"mode": "reweight" needs "equalize": {"word": weight}')
+    for k in ("blend_words", "subtract_words"):
+        if k in obj:
+            args[k] = _words(obj[k], k, path, line)
+    if "subtract_words" in args and "blend_words" not in args:
+        raise _err(path, line, '"subtract_words" needs "blend_words" (it removes words from '
+                               "the local-blend mask)")
+    for k in ("start_blend", "blend_threshold"):
+        if k in obj:
+            args[k] = _float(obj[k], k, path, line, 0.0, 1.0)
+    if "self_max_tokens" in obj:
+        args["self_max_tokens"] = _int(obj["self_max_tokens"], "self_max_tokens", path, line,
+                                       1)
+    return args
+
+
+def _parse_line(obj: Any, path, line: int) -> Request:
+    if not isinstance(obj, dict):
+        raise _err(path, line, f"expected a JSON object {{\"id\": …, \"prompt\": …, "
+                               f"\"seed\": …}}, got {type(obj).__name__}")
+    method = obj.get("method", "generate")
+    if method not in METHODS:
+        raise _err(path, line, f'unknown "method": {json.dumps(method)[:40]}; jattn batch '
+                               f"knows {', '.join(METHODS)}")
+    known = REQUEST_KEYS + (P2P_KEYS if method == "p2p" else ())
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        extra = "" if method == "p2p" else f' (p2p arguments need "method": "p2p")' \
+            if any(k in P2P_KEYS for k in unknown) else ""
+        raise _err(path, line, f"unknown argument(s) {', '.join(map(repr, unknown))} for "
+                               f"method {method!r}{extra}; known: {', '.join(known)}")
+    for k in ("id", "prompt", "seed"):
+        if k not in obj:
+            raise _err(path, line, f'missing "{k}" (each line needs "id", "prompt", "seed")')
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+        raise _err(path, line, f'"id": {json.dumps(rid)[:40]}: give a non-empty string or '
+                               "an integer")
+    g = obj.get
+    height = g("height")
+    width = g("width")
+    return Request(
+        line=line, id=str(rid), raw=obj,
+        prompt=_str(obj["prompt"], "prompt", path, line),
+        seed=_int(obj["seed"], "seed", path, line, 0, MAX_SEED),
+        steps=None if g("steps") is None else _int(g("steps"), "steps", path, line, 1, 1000),
+        guidance_scale=None if g("guidance_scale") is None else _float(
+            g("guidance_scale"), "guidance_scale", path, line, 0.0),
+        negative_prompt=_str(g("negative_prompt", ""), "negative_prompt", path, line),
+        height=None if height is None else _int(height, "height", path, line, 1),
+        width=None if width is None else _int(width, "width", path, line, 1),
+        scheduler=_scheduler(g("scheduler"), path, line),
+        method=method,
+        args=_p2p_args(obj, path, line) if method == "p2p" else {})
+
+
+def _scheduler(v, path, line):
+    if v is None:
+        return None
+    if v not in SCHEDULERS:
+        raise _err(path, line, f'"scheduler": {json.dumps(v)[:40]}; choose one of '
+                               f"{', '.join(SCHEDULERS)}")
+    return v
+
+
+def _safe_key(rid: str) -> str:
+    k = re.sub(r"[^A-Za-z0-9_-]", "_", rid)[:100]
+    return k or "_"
+
+
+def read_job(path: str | os.PathLike) -> list[Request]:
+    """Read and validate a JSONL job (every line) before any work.
+
+    Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: ``FILE:LINE: …`` for the first malformed line (invalid JSON, not an
+        object, missing/unknown keys, values of the wrong type or range, unknown method,
+        duplicate id), or an empty job.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"job {str(path)!r}: no such file (a JSONL file, one request "
+                                "per line).")
+    requests: list[Request] = []
+    seen: dict[str, int] = {}
+    with open(p, "rb") as fh:
+        for line, raw in enumerate(fh, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _err(path, line, f"not UTF-8 text ({e.reason} at byte {e.start})") \
+                    from None
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise _err(path, line, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            req = _parse_line(obj, path, line)
+            if req.id in seen:
+                raise _err(path, line, f'duplicate "id": {req.id!r} (first on line '
+                                       f"{seen[req.id]}); ids must be unique")
+            seen[req.id] = line
+            requests.append(req)
+    if not requests:
+        raise ValueError(f"job {str(path)!r}: no requests (one JSON object per line).")
+    # WebDataset keys: the id made file-name safe; a clash gets the line number
+    used: set[str] = set()
+    out = []
+    for r in requests:
+        k = _safe_key(r.id)
+        if k in used:
+            k = f"{k}-L{r.line}"
+        used.add(k)
+        out.append(dataclasses.replace(r, key=k))
+    return out
+
+
+def split(requests: list[Request], num_processes: int, process_id: int) -> list[Request]:
+    """The share of ``process_id``: requests sorted by id (as str), round-robin."""
+    order = sorted(requests, key=lambda r: r.id)
+    return order[process_id::num_processes]
+
+
+# ---------------------------------------------------------------------- settings
+@dataclasses.dataclass
+class BatchSettings:
+    """Job-wide settings (defaults for the requests, batching, output)."""
+
+    out_dir: str
+    batch_size: int = 4          # requests (groups) per device per compiled call
+    shard_size: int = 256        # requests per shard
+    steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+    model: str | None = None
+    dtype: str = "float32"
+    num_devices: int | None = None   # local devices to use (default: all)
+    progress: bool = True
+
+
+def _resolved(r: Request, s: BatchSettings, pipe) -> dict:
+    """The settings a request runs with (defaults filled in)."""
+    h = r.height or pipe.default_size
+    w = r.width or pipe.default_size
+    sched = r.scheduler or (s.scheduler if r.method == "generate" else None) or \
+        ("ddim" if r.method == "p2p" else pipe.scheduler_config.kind)
+    gs = s.guidance_scale if r.guidance_scale is None else r.guidance_scale
+    return dict(steps=r.steps or s.steps, guidance_scale=gs, height=h, width=w,
+                scheduler=sched)
+
+
+def _bucket(r: Request, res: dict) -> tuple:
+    """Requests with equal buckets run in one compiled program (their batch). The p2p
+    arguments other than the prompts are shared by a batch's groups (one policy)."""
+    method_args = json.dumps({k: v for k, v in r.args.items() if k != "targets"},
+                             sort_keys=True)
+    return (r.method, res["steps"], res["height"], res["width"], res["scheduler"],
+            res["guidance_scale"], r.members, method_args)
+
+
+# ---------------------------------------------------------------------- output state
+def _shard_name(proc: int, n: int) -> str:
+    return f"p{proc:03d}-{n:06d}.tar"
+
+
+def _index_name(proc: int) -> str:
+    return f"p{proc:03d}.parquet"
+
+
+INDEX_COLUMNS = ("id", "key", "member", "shard", "process", "seed", "prompt", "line")
+
+
+def _read_index(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return []
+    return pq.read_table(path).to_pylist()
+
+
+def _write_index(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({c: [r[c] for r in rows] for c in INDEX_COLUMNS},
+                     schema=pa.schema([("id", pa.string()), ("key", pa.string()),
+                                       ("member", pa.int32()), ("shard", pa.string()),
+                                       ("process", pa.int32()), ("seed", pa.int64()),
+                                       ("prompt", pa.string()), ("line", pa.int64())]))
+    tmp = path.parent / f"{_TMP}{path.name}"
+    pq.write_table(table, tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rows_of_shard(shard: Path, proc: int) -> list[dict]:
+    """Index rows read back from a completed shard's ``.json`` members."""
+    rows = []
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            if m.name.endswith(".json"):
+                meta = json.loads(tf.extractfile(m).read())
+                rows.append(dict(id=meta["id"], key=meta["key"], member=meta["member"],
+                                 shard=shard.name, process=proc, seed=meta["seed"],
+                                 prompt=meta["prompt"], line=meta["line"]))
+    return rows
+
+
+def _job_fingerprint(requests: list[Request], s: BatchSettings, num_processes: int) -> dict:
+    h = hashlib.sha256()
+    for r in requests:
+        h.update(json.dumps(r.raw, sort_keys=True).encode())
+        h.update(b"\n")
+    return {"requests_sha256": h.hexdigest(), "requests": len(requests),
+            "batch_size": s.batch_size, "shard_size": s.shard_size, "steps": s.steps,
+            "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
+            "model": s.model, "dtype": s.dtype, "num_processes": num_processes}
+
+
+def check_out_dir(out: Path, fingerprint: dict) -> bool:
+    """Whether ``out`` holds an earlier run of this job (resume). Raises when it holds
+    anything else: a file, another job, foreign files."""
+    from jattn.io.outputs import OutputDirError
+
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out-dir {str(out)!r} is a file, not a folder; choose a "
+                             "folder path (it is created if missing).")
+    if not out.is_dir() or not any(out.iterdir()):
+        d = out.absolute()
+        while not d.exists():
+            d = d.parent
+        if not d.is_dir() or not os.access(d, os.W_OK):
+            raise OutputDirError(f"--out-dir {str(out)!r}: cannot create or write there; "
+                                 "choose a writable folder.")
+        return False
+    job = out / JOB_FILE
+    if not job.is_file():
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise OutputDirError(f"--out-dir {str(out)!r} is not empty (holds {names}) and holds "
+                             f"no {JOB_FILE} of a jattn batch job; choose an empty or new "
+                             "folder.")
+    try:
+        old = json.loads(job.read_text())
+    except ValueError:
+        raise OutputDirError(f"{job}: damaged; choose a new --out-dir.") from None
+    diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if diff:
+        raise OutputDirError(
+            f"--out-dir {str(out)!r} holds another job (differs in {', '.join(diff)}); "
+            "restart with the same job file and options to resume, or choose a new folder.")
+    return True
+
+
+# ---------------------------------------------------------------------- generation
+def _local_mesh(num_devices: int | None):
+    import jax
+
+    devs = jax.local_devices()
+    if num_devices is not None:
+        if num_devices > len(devs):
+            raise ValueError(f"--num-devices {num_devices}: this process has only "
+                             f"{len(devs)} device(s).")
+        devs = devs[:num_devices]
+    return jax.sharding.Mesh(np.array(devs), ("data",))
+
+
+def _sample_group_batch(pipe, mesh, reqs: list[Request], res: dict):
+    """Generate the images of ``reqs`` (one bucket; len divisible by the mesh size):
+    uint8 ``(G, M, H, W, 3)``. The same program as ``Pipeline.generate`` (jattn's
+    sampler, CFG, decode) with the batch rows sharded over ``mesh``."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jattn.sampling import sampler as sampler_lib
+
+    steps, gs_value = res["steps"], res["guidance_scale"]
+    height, width = res["height"], res["width"]
+    f = pipe.vae_scale_factor
+    h, w, c = height // f, width // f, pipe.unet_config.in_channels
+    g, m = len(reqs), reqs[0].members
+    prompts = [p for r in reqs for p in r.prompts()]
+    negs = [r.negative_prompt for r in reqs for _ in range(m)]
+    do_cfg = gs_value > 1.0
+    cond = pipe.encode_prompts(prompts)
+    uncond = pipe.encode_prompts(negs, name="negative_prompt") if do_cfg else cond
+    schedule = pipe.schedule(steps, res["scheduler"])
+    policy = None
+    if reqs[0].method == "p2p":
+        from jattn.methods.p2p import p2p_policy
+
+        a = dict(reqs[0].args)
+        a.pop("targets")
+        for k in ("cross_replace_steps", "self_replace_steps"):
+            if isinstance(a.get(k), list):
+                a[k] = tuple(a[k])
+        policy = p2p_policy(pipe, [r.prompt for r in reqs] if g > 1 else reqs[0].prompt,
+                            [list(r.args["targets"]) for r in reqs] if g > 1
+                            else list(reqs[0].args["targets"]),
+                            num_steps=steps, height=height, width=width, **a)
+        # as jattn.methods.p2p.edit(seed=s): group latents from numpy's default_rng(s),
+        # member i of the group uses seed s + i for its (stochastic-scheduler) key
+        lat = np.stack([np.random.default_rng(r.seed).standard_normal((c, h, w))
+                        for r in reqs]).astype(np.float32)
+        x = jnp.asarray(np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1))
+        seeds = [r.seed + i for r in reqs for i in range(m)]
+        keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
+    else:
+        keys = sampler_lib.per_sample_keys(np.asarray([r.seed for r in reqs], np.uint32))
+        x = sampler_lib.initial_noise(keys, (h, w, c))
+    x = x * schedule.init_noise_sigma
+    rows = NamedSharding(mesh, P("data"))
+    x, cond, uncond, keys = (jax.device_put(v, rows) for v in (x, cond, uncond, keys))
+    fn = pipe._sample_fn(do_cfg, None)
+    final, _ = fn(pipe._replicated(mesh), schedule, x, cond, uncond,
+                  jnp.asarray(gs_value, jnp.float32), keys, policy, None, None,
+                  jnp.asarray(0.0, jnp.float32), None)
+    images = np.asarray(pipe._decode_fn()(pipe.params["vae"], final))
+    return images.reshape((g, m) + images.shape[1:])
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _ShardWriter:
+    """Sequential WebDataset shards of one process, each written to a temporary name and
+    renamed when complete; after each rename the process's Parquet index is rewritten
+    atomically (the index lists exactly the requests of completed shards)."""
+
+    def __init__(self, out: Path, proc: int, shard_size: int, rows: list[dict], log):
+        self.out, self.proc, self.shard_size, self.log = out, proc, shard_size, log
+        self.rows = rows
+        existing = [int(p.stem.split("-")[1]) for p in (out / "shards").glob(f"p{proc:03d}-*.tar")]
+        self.next = max(existing, default=-1) + 1
+        self.tw = self.fh = self.tmp = None
+        self.pending: list[dict] = []
+        self.requests_in_shard = 0
+        self.t0 = time.time()
+        self.shards_written = 0
+
+    def _open(self):
+        import webdataset as wds
+
+        name = _shard_name(self.proc, self.next)
+        self.tmp = self.out / "shards" / f"{_TMP}{name}"
+        self.fh = open(self.tmp, "wb")
+        self.tw = wds.TarWriter(self.fh, encoder=False, mtime=0.0)
+
+    def add(self, req: Request, images: np.ndarray, meta: dict) -> None:
+        if self.tw is None:
+            self._open()
+        name = _shard_name(self.proc, self.next)
+        for i, im in enumerate(images):
+            key = req.key if req.members == 1 else f"{req.key}-m{i}"
+            prompt = req.prompts()[i]
+            j = dict(id=req.id, key=key, member=i, prompt=prompt, line=req.line,
+                     seed=req.seed, method=req.method, request=req.raw, shard=name,
+                     process=self.proc, **meta)
+            self.tw.write({"__key__": key, "png": _png(im),
+                           "json": json.dumps(j, sort_keys=True).encode()})
+            self.pending.append(dict(id=req.id, key=key, member=i, shard=name,
+                                     process=self.proc, seed=req.seed, prompt=prompt,
+                                     line=req.line))
+        self.requests_in_shard += 1
+        if self.requests_in_shard >= self.shard_size:
+            self.close()
+
+    def close(self) -> None:
+        """Complete the current shard (if any): rename, then rewrite the index."""
+        if self.tw is None:
+            return
+        self.tw.close()  # closes the file object too
+        _fsync(self.tmp)
+        name = _shard_name(self.proc, self.next)
+        os.replace(self.tmp, self.out / "shards" / name)
+        self.rows.extend(self.pending)
+        _write_index(self.out / "index" / _index_name(self.proc), self.rows)
+        dt = time.time() - self.t0
+        n_img = len(self.pending)
+        self.log(f"shard {name}: {self.requests_in_shard} requests, {n_img} images, "
+                 f"{dt:.1f} s ({n_img / max(dt, 1e-9):.2f} images/s)")
+        self.tw = self.fh = self.tmp = None
+        self.pending = []
+        self.requests_in_shard = 0
+        self.next += 1
+        self.shards_written += 1
+        self.t0 = time.time()
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What one process did."""
+
+    process: int
+    requests_total: int        # this process's share
+    requests_done_before: int  # skipped (resume)
+    requests_run: int
+    images: int
+    seconds: float
+    devices: int
+    shards: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _distributed(coordinator, num_processes, process_id):
+    """Join the job's processes (``jax.distributed.initialize``); ``(index, count)``."""
+    import jax
+
+    explicit = coordinator is not None or num_processes is not None or process_id is not None
+    if explicit:
+        if coordinator is None or num_processes is None or process_id is None:
+            raise ValueError("--coordinator, --num-processes and --process-id go together "
+                             "(or none of them: auto-detection on TPU/Slurm).")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id {process_id}: must be in [0, {num_processes}).")
+        if num_processes > 1:
+            jax.distributed.initialize(coordinator_address=coordinator,
+                                       num_processes=num_processes, process_id=process_id)
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def _cluster_detected() -> bool:
+    env = os.environ
+    return any(k in env for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                  "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE",
+                                  "JAX_COORDINATOR_ADDRESS")) and \
+        int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2")) or 2) > 1
+
+
+def _barrier(name: str, timeout_s: int = 24 * 3600) -> None:
+    import jax
+
+    if jax.process_count() < 2:
+        return
+    try:
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+    except Exception:  # noqa: BLE001 - fall back to a device-level sync
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _publish(key: str, value: dict) -> None:
+    import jax
+
+    if jax.process_count() < 2:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.key_value_set(key, json.dumps(value))
+
+
+def _collect(key_fmt: str, n: int, timeout_s: int = 600) -> list[dict]:
+    from jax._src import distributed
+
+    c = distributed.global_state.client
+    return [json.loads(c.blocking_key_value_get(key_fmt.format(i), timeout_s * 1000))
+            for i in range(n)]
+
+
+def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None,
+            num_processes: int | None = None, process_id: int | None = None,
+            pipe=None, log_stream=None) -> JobResult:
+    """Run (or resume) a batch job in this process. See the module docstring.
+
+    Raises:
+      ValueError: a malformed job line (``FILE:LINE: …``), an unknown method or argument,
+        a setting the model refuses (size, prompt over 77 tokens, naming the line), a
+        distributed-flag mistake — all before anything is written.
+      OutputDirError: ``--out-dir`` is a file, not writable, holds foreign files or
+        another job.
+    """
+    from jattn.io import interrupt
+
+    log_stream = log_stream or sys.stderr
+    t_start = time.time()
+    requests = read_job(job)                       # 1. the whole file, before any work
+    proc, nproc = _distributed(coordinator, num_processes, process_id)
+
+    def log(msg):
+        print(f"jattn batch [p{proc}]: {msg}", file=log_stream, flush=True)
+
+    out = Path(settings.out_dir).expanduser()
+    fp = _job_fingerprint(requests, settings, nproc)
+    resuming = check_out_dir(out, fp)
+    if pipe is None:
+        import jattn
+
+        if settings.dtype == "float16":
+            import jax
+
+            if jax.default_backend() == "cpu":
+                raise ValueError("--dtype float16: XLA on CPU has no float16 matrix products; "
+                                 "use --dtype bfloat16 or float32 on CPU.")
+        pipe = jattn.load(settings.model, dtype=settings.dtype)
+    mesh = _local_mesh(settings.num_devices)
+    ndev = mesh.size
+    # model-dependent checks of every request (sizes, 77 tokens), still before any work
+    resolved = {}
+    for r in requests:
+        res = _resolved(r, settings, pipe)
+        try:
+            pipe.check_size(res["height"], res["width"], settings.batch_size * r.members)
+            pipe.tokenize(r.prompts(), name="prompt")
+            if r.negative_prompt:
+                pipe.tokenize([r.negative_prompt], name="negative_prompt")
+            pipe.schedule(res["steps"], res["scheduler"])
+        except ValueError as e:
+            raise _err(job, r.line, str(e)) from None
+        resolved[r.id] = res
+    mine = split(requests, nproc, proc)
+
+    # 2. output folder and resume state
+    for sub in ("shards", "index"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    job_file = out / JOB_FILE
+    if not job_file.is_file():
+        tmp = out / f"{_TMP}{JOB_FILE}.{proc}"
+        tmp.write_text(json.dumps(fp, indent=2) + "\n")
+        os.replace(tmp, job_file)
+    for stale in (out / "shards").glob(f"{_TMP}p{proc:03d}-*"):
+        stale.unlink()                              # a killed run's incomplete shard
+    index_path = out / "index" / _index_name(proc)
+    rows = _read_index(index_path)
+    indexed = {r["shard"] for r in rows}
+    shard_files = sorted((out / "shards").glob(f"p{proc:03d}-*.tar"))
+    kept = [r for r in rows if (out / "shards" / r["shard"]).is_file()]
+    recovered = [row for sf in shard_files if sf.name not in indexed
+                 for row in _rows_of_shard(sf, proc)]
+    if recovered or len(kept) != len(rows):
+        rows = kept
+        rows.extend(recovered)
+        _write_index(index_path, rows)
+    if recovered:
+        log(f"recovered {len(recovered)} image(s) of shards completed before the index "
+            "was updated")
+    done_ids = {r["id"] for r in rows}
+    todo = [r for r in mine if r.id not in done_ids]
+    if resuming:
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} requests already done")
+
+    # 3. buckets and batches (deterministic order)
+    buckets: dict[tuple, list[Request]] = {}
+    for r in sorted(todo, key=lambda r: r.id):
+        buckets.setdefault(_bucket(r, resolved[r.id]), []).append(r)
+    per_call = settings.batch_size * ndev
+    batches = []
+    for key in sorted(buckets, key=repr):
+        rs = buckets[key]
+        for i in range(0, len(rs), per_call):
+            batches.append(rs[i:i + per_call])
+    total_images = sum(r.members for r in todo)
+
+    writer = _ShardWriter(out, proc, settings.shard_size, rows, log)
+    bar = None
+    if settings.progress and proc == 0 and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_images, unit="img", desc=f"jattn batch (p0, {ndev} dev)",
+                   file=log_stream, dynamic_ncols=True)
+    images_run = 0
+    requests_run = 0
+    t_work = time.time()
+    try:
+        for batch in batches:
+            if interrupt.requested():
+                raise interrupt.Interrupted("jattn: interrupted by the user")
+            n_real = len(batch)
+            padded = batch + [batch[-1]] * (per_call - n_real)   # outputs dropped
+            t0 = time.time()
+            imgs = _sample_group_batch(pipe, mesh, padded, resolved[batch[0].id])
+            dt = time.time() - t0
+            for r, group in zip(batch, imgs[:n_real]):
+                meta = dict(settings=resolved[r.id], timings=dict(
+                    batch_seconds=round(dt, 4),
+                    seconds_per_image=round(dt / (per_call * r.members), 5)),
+                    batch_size=settings.batch_size)
+                writer.add(r, group, meta)
+                images_run += r.members
+                requests_run += 1
+            if bar is not None:
+                bar.update(sum(r.members for r in batch))
+    except BaseException:
+        # keep what is complete: the requests already generated close their shard
+        try:
+            writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
+        raise
+    writer.close()
+    if bar is not None:
+        bar.close()
+    secs = time.time() - t_work
+    result = JobResult(process=proc, requests_total=len(mine),
+                       requests_done_before=len(mine) - len(todo), requests_run=requests_run,
+                       images=images_run, seconds=secs, devices=ndev,
+                       shards=writer.shards_written)
+    stats = dataclasses.asdict(result)
+    stats["images_per_second"] = result.images_per_second
+    stats["images_in_index"] = len(writer.rows)
+    stats["requests_in_index"] = len({r["id"] for r in writer.rows})
+    tmp = out / "index" / f"{_TMP}p{proc:03d}.json"
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, out / "index" / f"p{proc:03d}.json")
+    log(f"done: {requests_run} requests, {images_run} images in {secs:.1f} s, "
+        f"{result.images_per_second:.3f} images/s, "
+        f"{result.images_per_second / ndev:.3f} images/s per device ({ndev} device(s))")
+
+    # 4. manifest (process 0, after every process)
+    _publish(f"jattn_batch/stats/{proc}", stats)
+    _barrier("jattn_batch_done")
+    if proc == 0:
+        all_stats = _collect("jattn_batch/stats/{}", nproc) if nproc > 1 else [stats]
+        n_img = sum(s["images"] for s in all_stats)
+        wall = time.time() - t_start
+        manifest = dict(
+            job=str(job), requests=len(requests),
+            requests_done=sum(s["requests_in_index"] for s in all_stats),
+            images=sum(s["images_in_index"] for s in all_stats),
+            processes=nproc, devices=sum(s["devices"] for s in all_stats),
+            settings=dict(fp, out_dir=str(out), model=settings.model or "bundled"),
+            this_run=dict(images=n_img, seconds=max(s["seconds"] for s in all_stats),
+                          images_per_second=sum(s["images_per_second"] for s in all_stats),
+                          images_per_second_per_device=(
+                              sum(s["images_per_second"] for s in all_stats)
+                              / max(1, sum(s["devices"] for s in all_stats))),
+                          wall_seconds=wall),
+            per_process=all_stats,
+            shards=sorted(p.name for p in (out / "shards").glob("p*.tar")),
+            indexes=sorted(p.name for p in (out / "index").glob("p*.parquet")),
+        )
+        tmp = out / f"{_TMP}{MANIFEST}"
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out / MANIFEST)
+    return result

@@ -17,6 +17,9 @@ Per case, the world's detector reads the original and the variant:
 * outside: mean abs difference (uint8, all channels) over the pixels outside the union of
   both detected object masks dilated by one latent cell (8 px); goal ≤ 2 levels.
 
+``--phrasing bare`` uses "a {colour} {shape}" prompts instead: nothing but the object
+is stated, so where the object sits and which background it gets come from the noise.
+
 Baseline beside it: plain generation of the prompt with the proxy word substituted, same
 seed (same initial noise as the original). Ablation: every window of ``--windows``, and the
 best window without the background blend.
@@ -37,7 +40,10 @@ POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in t
 BACKGROUNDS = ("beige", "gray", "light gray", "striped", "checkered")
 
 
-def cases(n_prompts: int):
+def cases(n_prompts: int, phrasing: str = "full"):
+    """(prompt, word, proxies, seed) per prompt; ``phrasing`` "full" states position and
+    background, "bare" only colour and shape ("a red circle": the model chooses the place
+    and background from the noise, so the baseline may move the object)."""
     out = []
     for i in range(n_prompts):
         shape = SHAPES[i % len(SHAPES)]
@@ -46,7 +52,9 @@ def cases(n_prompts: int):
         bg = BACKGROUNDS[(i // 3) % len(BACKGROUNDS)]
         others = [s for s in SHAPES if s != shape]
         proxies = [others[(i + k) % len(others)] for k in range(3)]
-        out.append((f"a {colour} {shape} {pos} on a {bg} background", shape, proxies, i))
+        text = (f"a {colour} {shape} {pos} on a {bg} background" if phrasing == "full"
+                else f"a {colour} {shape}")
+        out.append((text, shape, proxies, i))
     return out
 
 
@@ -140,10 +148,12 @@ def main():
     ap.add_argument("--groups-per-call", type=int, default=4)
     ap.add_argument("--windows", nargs="+", default=["0.14,0.34", "0.5,1", "0.6,1", "0.7,1",
                                                      "0.8,1"])
+    ap.add_argument("--phrasing", choices=["full", "bare"], default="full",
+                    help="full: position and background stated; bare: 'a red circle'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pipe = jattn.load(args.model)
-    cs = cases(args.prompts)
+    cs = cases(args.prompts, args.phrasing)
     res = {"settings": vars(args), "runs": {}}
     rows = []
     originals = None

@@ -139,12 +139,7 @@ def read_json(path: str | os.PathLike) -> dict:
         gives the line and column) or not a JSON object.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: missing. Fix: {_REDOWNLOAD}.")
-    if not path.is_file():
-        raise CheckpointDamagedError(
-            f"{path}: is a directory (or another non-file), not a JSON file. Fix: replace it "
-            f"with the checkpoint's {path.name}: {_REDOWNLOAD}.")
+    _check_file(path, "JSON file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -362,13 +357,18 @@ def _check_finite(source: Path, arrays: Mapping[str, np.ndarray]) -> None:
         "checkpoint from a good copy.")
 
 
-def _check_weight_file(f: Path) -> None:
+def _check_file(f: Path, what: str) -> None:
+    """``f`` exists and is a regular file (else the error names it and the fix)."""
     if not f.exists():
         raise CheckpointNotFoundError(f"{f}: missing. Fix: {_REDOWNLOAD}.")
     if not f.is_file():
         raise CheckpointDamagedError(
-            f"{f}: is a directory (or another non-file), not a weight file. Fix: replace it "
+            f"{f}: is a directory (or another non-file), not a {what}. Fix: replace it "
             f"with the checkpoint's {f.name}: {_REDOWNLOAD}.")
+
+
+def _check_weight_file(f: Path) -> None:
+    _check_file(f, "weight file")
     if not os.access(f, os.R_OK):
         raise CheckpointDamagedError(
             f"{f}: cannot be read (permission denied). Fix: make it readable "

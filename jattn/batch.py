@@ -533,12 +533,34 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class _sigint_deferred:
+    """Hold SIGINT back (main thread) while a request's outputs or a shard's completion
+    are written, so Ctrl-C never splits them; it is delivered right after."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.on = threading.current_thread() is threading.main_thread()
+        if self.on:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.on:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return False
+
+
 class _ShardWriter:
     """Sequential WebDataset shards of one process, each written to a temporary name and
     renamed when complete; after each rename the process's Parquet index is rewritten
     atomically (the index lists exactly the requests of completed shards)."""
 
     def __init__(self, out: Path, proc: int, shard_size: int, rows: list[dict], log):
+        import webdataset  # noqa: F401 - imported here, not inside the timed writes
+
         self.out, self.proc, self.shard_size, self.log = out, proc, shard_size, log
         self.rows = rows
         existing = [int(p.stem.split("-")[1]) for p in (out / "shards").glob(f"p{proc:03d}-*.tar")]
@@ -548,6 +570,8 @@ class _ShardWriter:
         self.requests_in_shard = 0
         self.t0 = time.time()
         self.shards_written = 0
+        self.bookkeeping = 0.0   # seconds in PNG encoding, tar writing, renames, index
+        self.index_seconds = 0.0
 
     def _open(self):
         import webdataset as wds
@@ -558,6 +582,14 @@ class _ShardWriter:
         self.tw = wds.TarWriter(self.fh, encoder=False, mtime=0.0)
 
     def add(self, req: Request, images: np.ndarray, meta: dict) -> None:
+        t = time.perf_counter()
+        with _sigint_deferred():   # a request's members land in one shard, all or none
+            try:
+                self._add(req, images, meta)
+            finally:
+                self.bookkeeping += time.perf_counter() - t
+
+    def _add(self, req: Request, images: np.ndarray, meta: dict) -> None:
         if self.tw is None:
             self._open()
         name = _shard_name(self.proc, self.next)
@@ -574,10 +606,18 @@ class _ShardWriter:
                                      line=req.line))
         self.requests_in_shard += 1
         if self.requests_in_shard >= self.shard_size:
-            self.close()
+            self._close()
 
     def close(self) -> None:
         """Complete the current shard (if any): rename, then rewrite the index."""
+        t = time.perf_counter()
+        with _sigint_deferred():
+            try:
+                self._close()
+            finally:
+                self.bookkeeping += time.perf_counter() - t
+
+    def _close(self) -> None:
         if self.tw is None:
             return
         self.tw.close()  # closes the file object too
@@ -585,7 +625,9 @@ class _ShardWriter:
         name = _shard_name(self.proc, self.next)
         os.replace(self.tmp, self.out / "shards" / name)
         self.rows.extend(self.pending)
+        t = time.perf_counter()
         _write_index(self.out / "index" / _index_name(self.proc), self.rows)
+        self.index_seconds += time.perf_counter() - t
         dt = time.time() - self.t0
         n_img = len(self.pending)
         self.log(f"shard {name}: {self.requests_in_shard} requests, {n_img} images, "
@@ -818,6 +860,8 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
     stats["images_per_second"] = result.images_per_second
     stats["images_in_index"] = len(writer.rows)
     stats["requests_in_index"] = len({r["id"] for r in writer.rows})
+    stats["output_seconds"] = writer.bookkeeping    # PNG + tar + fsync + rename + index
+    stats["index_seconds"] = writer.index_seconds   # the Parquet index rewrites alone
     tmp = out / "index" / f"{_TMP}p{proc:03d}.json"
     tmp.write_text(json.dumps(stats, indent=2) + "\n")
     os.replace(tmp, out / "index" / f"p{proc:03d}.json")

@@ -123,6 +123,15 @@ CASES = [
     (["generate", "--prompt", "x"], "--out-dir"),
     (["nonsense"], "invalid choice"),
     (["sites", "--height", "0"], "--height"),
+    # --- jattn segment
+    (["segment", "--prompt", "a red circle", "--words", "dog"] + T + OUT, "--words 'dog'"),
+    (["segment", "--prompt", "a red circle", "--clusters", "1"] + T + OUT, "--clusters"),
+    (["segment", "--prompt", "a red circle", "--image", "{d}/notes.txt"] + T + OUT,
+     "not a readable image"),
+    (["segment", "--image", "{d}/photo.png"] + T + OUT, "--prompt"),
+    (["segment", "--prompt", "a photo of the left"] + T + OUT, "--words"),
+    (["segment", "--prompt", "a red circle", "--start-step", "0.6", "--end-step", "0.5"] + T
+     + OUT, "--start-step"),
 ]
 
 

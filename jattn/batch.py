@@ -333,6 +333,8 @@ class BatchSettings:
     model: str | None = None
     dtype: str = "float32"
     num_devices: int | None = None   # local devices to use (default: all)
+    mesh: str = "global"     # several processes: "global" = one program over every
+    #                          process's devices; "local" = each process on its own
     progress: bool = True
 
 
@@ -468,6 +470,103 @@ def _local_mesh(num_devices: int | None):
                              f"{len(devs)} device(s).")
         devs = devs[:num_devices]
     return jax.sharding.Mesh(np.array(devs), ("data",))
+
+
+def _global_mesh(num_devices: int | None):
+    """``("data",)`` over every process's first ``num_devices`` local devices, process by
+    process (process p's devices hold rows ``p·L … (p+1)·L − 1``)."""
+    import jax
+
+    nproc = jax.process_count()
+    per = [[d for d in jax.devices() if d.process_index == p] for p in range(nproc)]
+    n = min(len(d) for d in per) if num_devices is None else num_devices
+    if n > min(len(d) for d in per):
+        raise ValueError(f"--num-devices {n}: a process has only {min(len(d) for d in per)} "
+                         "device(s).")
+    return jax.sharding.Mesh(np.array([d for ds in per for d in ds[:n]]), ("data",)), n
+
+
+_GLOBAL_CACHE: dict = {}
+
+
+def _replicate(tree, mesh):
+    """Every array leaf of ``tree`` as a global replicated array (same value on every
+    process: the params, the schedule, the policy built from the global batch)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    repl = NamedSharding(mesh, P())
+
+    def put(a):
+        if isinstance(a, (np.ndarray, jax.Array, np.generic)):
+            return jax.device_put(np.asarray(a), repl)
+        return a
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _sample_global(pipe, mesh, local: list[Request], global_reqs: list[Request], res: dict):
+    """One call of the cross-process program: ``global_reqs`` (process-major, each
+    process's rows padded to the same count) sharded over the global mesh; this process
+    supplies only its own rows (``local``) through ``jax.make_array_from_process_local_data``
+    and gets back only its own images: uint8 ``(len(local), M, H, W, 3)``."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jattn.sampling import sampler as sampler_lib
+
+    steps, gs_value = res["steps"], res["guidance_scale"]
+    height, width = res["height"], res["width"]
+    f = pipe.vae_scale_factor
+    h, w, c = height // f, width // f, pipe.unet_config.in_channels
+    g, m = len(global_reqs), local[0].members
+    prompts = [p for r in local for p in r.prompts()]
+    negs = [r.negative_prompt for r in local for _ in range(m)]
+    do_cfg = gs_value > 1.0
+    cond = np.asarray(pipe.encode_prompts(prompts))
+    uncond = np.asarray(pipe.encode_prompts(negs, name="negative_prompt")) if do_cfg else cond
+    schedule = pipe.schedule(steps, res["scheduler"])
+    policy = None
+    if local[0].method == "p2p":
+        from jattn.methods.p2p import p2p_policy
+
+        a = dict(local[0].args)
+        a.pop("targets")
+        for k in ("cross_replace_steps", "self_replace_steps"):
+            if isinstance(a.get(k), list):
+                a[k] = tuple(a[k])
+        policy = p2p_policy(pipe, [r.prompt for r in global_reqs] if g > 1
+                            else global_reqs[0].prompt,
+                            [list(r.args["targets"]) for r in global_reqs] if g > 1
+                            else list(global_reqs[0].args["targets"]),
+                            num_steps=steps, height=height, width=width, **a)
+        lat = np.stack([np.random.default_rng(r.seed).standard_normal((c, h, w))
+                        for r in local]).astype(np.float32)
+        x = jnp.asarray(np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1))
+        seeds = [r.seed + i for r in local for i in range(m)]
+        keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
+    else:
+        keys = sampler_lib.per_sample_keys(np.asarray([r.seed for r in local], np.uint32))
+        x = sampler_lib.initial_noise(keys, (h, w, c))
+    x = np.asarray(x * schedule.init_noise_sigma)
+    rows = NamedSharding(mesh, P("data"))
+    glob = lambda a: jax.make_array_from_process_local_data(rows, a)  # noqa: E731
+    x, cond, uncond = glob(x), glob(cond), glob(uncond)
+    keys = jax.random.wrap_key_data(glob(np.asarray(jax.random.key_data(keys))))
+    ck = ("params", id(mesh))
+    if ck not in _GLOBAL_CACHE:
+        _GLOBAL_CACHE[ck] = (_replicate(pipe.params["unet"], mesh),
+                             _replicate(pipe.params["vae"], mesh))
+    unet_p, vae_p = _GLOBAL_CACHE[ck]
+    fn = pipe._sample_fn(do_cfg, None)
+    final, _ = fn(unet_p, _replicate(schedule, mesh), x, cond, uncond,
+                  _replicate(np.float32(gs_value), mesh), keys, _replicate(policy, mesh),
+                  None, None, _replicate(np.float32(0.0), mesh), None)
+    out = pipe._decode_fn()(vae_p, final)
+    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+    images = np.concatenate([np.asarray(s.data) for s in shards])
+    return images.reshape((len(local), m) + images.shape[1:])
 
 
 def _sample_group_batch(pipe, mesh, reqs: list[Request], res: dict):
@@ -718,6 +817,36 @@ def _collect(key_fmt: str, n: int, timeout_s: int = 600) -> list[dict]:
             for i in range(n)]
 
 
+def _global_schedule(requests, todo, buckets, resolved, proc, nproc, per_call):
+    """The same list of calls on every process (the cross-process program runs in lock
+    step): each process's to-do ids travel through the coordinator's key-value store;
+    per bucket, call k takes rows ``k·L … (k+1)·L − 1`` of every process's to-do list
+    (L = ``per_call``), padded by repeating a request of the call (outputs dropped)."""
+    _publish(f"jattn_batch/todo/{proc}", {"ids": [r.id for r in todo]})
+    by_id = {r.id: r for r in requests}
+    todos = [[by_id[i] for i in d["ids"]] for d in _collect("jattn_batch/todo/{}", nproc)]
+    keyed: dict[tuple, list[list[Request]]] = {}
+    for p, rs in enumerate(todos):
+        for r in sorted(rs, key=lambda r: r.id):
+            keyed.setdefault(_bucket(r, resolved[r.id]), [[] for _ in range(nproc)])[p] \
+                .append(r)
+    calls = []
+    for key in sorted(keyed, key=repr):
+        lists = keyed[key]
+        n_calls = max(math.ceil(len(x) / per_call) for x in lists)
+        first = next(x[0] for x in lists if x)
+        for k in range(n_calls):
+            whole, mine = [], []
+            for p, x in enumerate(lists):
+                part = x[k * per_call:(k + 1) * per_call]
+                if p == proc:
+                    mine = part
+                fill = part[-1] if part else first
+                whole.extend(part + [fill] * (per_call - len(part)))
+            calls.append((mine, whole))
+    return calls
+
+
 def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None,
             num_processes: int | None = None, process_id: int | None = None,
             pipe=None, log_stream=None) -> JobResult:
@@ -753,8 +882,12 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
                 raise ValueError("--dtype float16: XLA on CPU has no float16 matrix products; "
                                  "use --dtype bfloat16 or float32 on CPU.")
         pipe = jattn.load(settings.model, dtype=settings.dtype)
-    mesh = _local_mesh(settings.num_devices)
-    ndev = mesh.size
+    use_global = nproc > 1 and settings.mesh == "global"
+    if use_global:
+        mesh, ndev = _global_mesh(settings.num_devices)   # ndev: this process's devices
+    else:
+        mesh = _local_mesh(settings.num_devices)
+        ndev = mesh.size
     # model-dependent checks of every request (sizes, 77 tokens), still before any work
     resolved = {}
     for r in requests:
@@ -803,12 +936,16 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
     buckets: dict[tuple, list[Request]] = {}
     for r in sorted(todo, key=lambda r: r.id):
         buckets.setdefault(_bucket(r, resolved[r.id]), []).append(r)
-    per_call = settings.batch_size * ndev
-    batches = []
-    for key in sorted(buckets, key=repr):
-        rs = buckets[key]
-        for i in range(0, len(rs), per_call):
-            batches.append(rs[i:i + per_call])
+    per_call = settings.batch_size * ndev     # requests per call on this process's devices
+    batches = []   # (this process's requests, padded rows of the whole call or None)
+    if use_global:
+        batches = _global_schedule(requests, todo, buckets, resolved, proc, nproc, per_call)
+    else:
+        for key in sorted(buckets, key=repr):
+            rs = buckets[key]
+            for i in range(0, len(rs), per_call):
+                b = rs[i:i + per_call]
+                batches.append((b, None))
     total_images = sum(r.members for r in todo)
 
     writer = _ShardWriter(out, proc, settings.shard_size, rows, log)
@@ -822,13 +959,17 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
     requests_run = 0
     t_work = time.time()
     try:
-        for batch in batches:
+        for batch, whole in batches:
             if interrupt.requested():
                 raise interrupt.Interrupted("jattn: interrupted by the user")
             n_real = len(batch)
-            padded = batch + [batch[-1]] * (per_call - n_real)   # outputs dropped
             t0 = time.time()
-            imgs = _sample_group_batch(pipe, mesh, padded, resolved[batch[0].id])
+            if whole is None:
+                padded = batch + [batch[-1]] * (per_call - n_real)   # outputs dropped
+                imgs = _sample_group_batch(pipe, mesh, padded, resolved[batch[0].id])
+            else:
+                mine_rows = whole[proc * per_call:(proc + 1) * per_call]
+                imgs = _sample_global(pipe, mesh, mine_rows, whole, resolved[whole[0].id])
             dt = time.time() - t0
             for r, group in zip(batch, imgs[:n_real]):
                 meta = dict(settings=resolved[r.id], timings=dict(
@@ -838,7 +979,7 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
                 writer.add(r, group, meta)
                 images_run += r.members
                 requests_run += 1
-            if bar is not None:
+            if bar is not None and batch:
                 bar.update(sum(r.members for r in batch))
     except BaseException:
         # keep what is complete: the requests already generated close their shard

@@ -119,6 +119,14 @@ CASES = [
     (["run", "{d}/cfg_raises.py"] + T + OUT, "get_config() raised"),
     (["run", "{d}/cfg_not_dict.py"] + T + OUT, "must return a dict"),
     (["run", "{d}/none.py"] + T + OUT, "no such file"),
+    # --- jattn batch (JSONL jobs: the line number, before any work)
+    (["batch", "{d}/job_badjson.jsonl"] + OUT, "job_badjson.jsonl:2: invalid JSON"),
+    (["batch", "{d}/job_method.jsonl"] + OUT, ':1: unknown "method"'),
+    (["batch", "{d}/job_arg.jsonl"] + OUT, "unknown argument(s) 'windows'"),
+    (["batch", "{d}/job_long.jsonl"] + T + OUT, "job_long.jsonl:2: prompt"),
+    (["batch", "{d}/missing.jsonl"] + OUT, "no such file"),
+    (["batch", "{d}/job_ok.jsonl", "--out-dir", "{d}/user"], "not empty"),
+    (["batch", "{d}/job_ok.jsonl", "--coordinator", "localhost:1"] + OUT, "go together"),
     # --- argparse itself: one line too
     (["generate", "--prompt", "x"], "--out-dir"),
     (["nonsense"], "invalid choice"),
@@ -165,6 +173,15 @@ def inputs(tmp_path_factory, tiny_sd_dir):
     (d / "cfg_missing.py").write_text(_cfg("    return dict(method='p2p', prompt='a')"))
     (d / "cfg_raises.py").write_text(_cfg("    raise RuntimeError('boom')"))
     (d / "cfg_not_dict.py").write_text(_cfg("    return 3"))
+    ok = '{"id": "a", "prompt": "a red circle", "seed": 1}\n'
+    (d / "job_ok.jsonl").write_text(ok)
+    (d / "job_badjson.jsonl").write_text(ok + '{"id": "b", "prompt": "x"\n')
+    (d / "job_method.jsonl").write_text('{"id": "a", "prompt": "x", "seed": 1, '
+                                        '"method": "dreambooth"}\n')
+    (d / "job_arg.jsonl").write_text('{"id": "a", "prompt": "x", "seed": 1, "method": '
+                                     '"p2p", "targets": ["y"], "windows": 0.5}\n')
+    (d / "job_long.jsonl").write_text(ok + json.dumps(
+        {"id": "b", "prompt": " ".join(["red"] * 90), "seed": 1}) + "\n")
     dmg = d / "damaged"
     shutil.copytree(tiny_sd_dir, dmg)
     f = dmg / "unet" / "diffusion_pytorch_model.safetensors"

@@ -33,6 +33,9 @@ def register(sub, edit_sub=None) -> None:
                    help="jax.distributed coordinator (default: auto-detected on TPU/Slurm)")
     p.add_argument("--num-processes", type=int_type(1, 1 << 20), default=None)
     p.add_argument("--process-id", type=int_type(0, 1 << 20), default=None)
+    p.add_argument("--mesh", choices=["global", "local"], default="global",
+                   help="several processes: one program over every process's devices "
+                        "(global, default) or each process on its own devices (local)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--model", default=None,
                    help="diffusers-layout folder or Hugging Face hub id (default: bundled model)")
@@ -49,7 +52,7 @@ def cmd_batch(args) -> int:
                       shard_size=args.shard_size, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       model=args.model, dtype=args.dtype, num_devices=args.num_devices,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, mesh=args.mesh)
     run_job(args.job, s, coordinator=args.coordinator, num_processes=args.num_processes,
             process_id=args.process_id)
     return 0

@@ -44,6 +44,21 @@ Bare prompts ("a red circle"; `--phrasing bare`: place and background come from 
 | mix, window 0.5–1, no background blend | 0.85 | 1.00 | 0.85 | 0.53 (0.33) | 0.96 |
 | baseline: proxy prompt, same seed | 0.92 | 0.60 | 0.56 | 3.62 (0.70) | 0.75 |
 
+Two objects ("a red circle on the left and a blue triangle on the right", the first shape
+varied; `--phrasing two --prompts 8 --preserve-other`, 24 cases; kept = the first object's
+position and the second object's shape and position):
+
+| run | shape = proxy | kept | both | outside mean abs (median) | outside ≤ 2 |
+|---|---|---|---|---|---|
+| mix, reference window 7/50–17/50 | 0.04 | 1.00 | 0.04 | 0.18 (0.14) | 1.00 |
+| mix, window 0.5–1 | 0.92 | 0.96 | 0.88 | 0.46 (0.42) | 1.00 |
+| mix, window 0.5–1, second shape preserved (self-attention localisation) | 0.92 | 0.96 | 0.88 | 0.45 (0.42) | 1.00 |
+| mix, window 0.5–1, no background blend | 0.92 | 0.96 | 0.88 | 0.45 (0.42) | 1.00 |
+| baseline: proxy prompt, same seed | 0.88 | 0.96 | 0.83 | 4.14 (0.71) | 0.88 |
+
+The localisation's masks sit on the second object (checked), but on this model the second
+object already stays without it, so it changes nothing measurable here.
+
 With position and background stated, the bundled model keeps them from the seed by itself,
 so the baseline is as good as mixing there (mixing changes fewer background pixels). With
 bare prompts the baseline moves the object or changes the background in 40 % of cases;

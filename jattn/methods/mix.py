@@ -394,7 +394,7 @@ def mix(pipe, prompt, word, proxies, *, seed: int | Sequence[int] = 0,
         window: tuple[float, float] = REFERENCE_WINDOW,
         blend_step: float | None = REFERENCE_BLEND_STEP, blend_threshold: float = 0.3,
         blend_resolution: int | None = None, dilation: int = 1,
-        preserve: Sequence[str] | None = None, remove_object: bool = True,
+        preserve: Sequence[str] | Sequence[Sequence[str]] | None = None, remove_object: bool = True,
         localise_threshold: float = 0.05,
         localise_window: tuple[float, float] = REFERENCE_LOCALISE_WINDOW,
         scheduler: str | None = None, height: int | None = None, width: int | None = None,
@@ -415,7 +415,8 @@ def mix(pipe, prompt, word, proxies, *, seed: int | Sequence[int] = 0,
       window, blend_step, blend_threshold, blend_resolution, dilation, localise_window,
         reference_quirks: see :func:`mix_policy`.
       preserve: words of the prompt whose pixels keep the original's self-attention
-        (reference ``objects_to_preserve``, default none). With preserve words the
+        (reference ``objects_to_preserve``, default none); for G prompts one list for all
+        or one list per prompt. With preserve words the
         original is generated once first to capture its cross maps (as the reference).
       remove_object, localise_threshold: reference ``remove_obj_from_self_mask`` (True),
         ``obj_pixels_injection_threshold`` (0.05).
@@ -465,14 +466,19 @@ def _preserve_keep(pipe, prompts, words, groups, preserve, seeds, gen_kw, thresh
     from jattn.policy.capture import Capture, captured_maps
 
     tok = pipe.tokenizer
+    per_group = [list(x) for x in preserve] if not isinstance(preserve[0], str) \
+        else [list(preserve)] * len(prompts)
+    if len(per_group) != len(prompts):
+        raise ValueError(f"preserve: {len(per_group)} word lists for {len(prompts)} prompts; "
+                         "give one list of words for all or one list per prompt")
     pres_tokens = []
-    for p in prompts:
+    for p, words_g in zip(prompts, per_group):
         pw = p.split()
-        missing = [w for w in preserve if w not in pw]
+        missing = [w for w in words_g if w not in pw]
         if missing:
             raise ValueError(f"preserve: {missing} are not words of the prompt {p!r} (CLI: "
                              "--preserve)")
-        pres_tokens.append(np.concatenate([word_token_indices(tok, p, w) for w in preserve]))
+        pres_tokens.append(np.concatenate([word_token_indices(tok, p, w) for w in words_g]))
     sites = pipe.sites(height, width)
     cap = resolve([(Select(kind="cross"), Capture())], sites,
                   layout=Layout(groups=len(prompts), members=1, cfg=True))

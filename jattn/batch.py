@@ -31,9 +31,12 @@ exactly once.
 
 Multi-process: every process runs the same command; ``jax.distributed.initialize`` joins
 them (auto-detected on TPU/Slurm, or ``coordinator``/``num_processes``/``process_id``).
-Each process generates its share on its **own local devices** (a mesh per process, no
-cross-process program, no all-gather of images) and writes only its own shards; the
-distributed runtime serves the split (process index/count) and the final barrier.
+With ``mesh="global"`` (default) every call is one program over the devices of all
+processes: the processes agree on the list of calls through the coordinator's key-value
+store (their to-do ids), each supplies only its own rows
+(``jax.make_array_from_process_local_data``) and reads back only its own images (the
+output's addressable shards): no all-gather of images. ``mesh="local"``: each process runs
+on its own devices. Either way each process writes only its own shards and index.
 
 Determinism: a request's images depend only on the request and on the per-device batch
 shape (``batch_size``): the same whatever the number of devices or processes, the order of

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.io import checks
+from jattn.io.images import as_uint8_images
 from jattn.io.words import word_token_indices
 from jattn.policy import segmentation as seg
 from jattn.policy.analysis import parse_key
@@ -466,11 +467,7 @@ def segment(pipe, prompt: str | Sequence[str], *, images: np.ndarray | None = No
         raise ValueError(f"inversion={inversion!r}: choose 'null-text', 'ddim' or pass an "
                          "Inversion")
     if images is not None and inv is None:
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images: shape {images.shape}; expected uint8 (B, H, W, 3)")
+        images = as_uint8_images(images, "images")
         if isinstance(prompt, str):
             prompts = prompts * images.shape[0]
         if len(prompts) != images.shape[0]:

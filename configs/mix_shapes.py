@@ -68,6 +68,12 @@ model, see ../shared/BUNDLED_LIMITS.md: shape 0.92 after the VAE round trip). Th
 reference window's "kept" misses on bare prompts are position words flipping for objects
 near a region border (outside difference ≤ 0.5 levels).
 
+Speed (scripts/bench_mix.py, 50 steps, 3 proxies, interleaved best of 5, this 2-core CPU
+under a load average of 10–15 from other processes): mix [original + 3] 5.92 s against a
+plain batch of the same 4 prompts 6.17 s (0.96×) and 4 × 1.04 s for single images (1.42×;
+the plain batch of 4 is itself 1.48× four single images on this CPU); 0 compilations for a
+second mix with a new prompt, proxies and window.
+
 Why the reference window fails here (the ablation above): the bundled model (v-prediction,
 zero-terminal-SNR schedule, trailing DDIM timesteps, 16² latents) fixes the object's place
 and colour early but draws its shape late; with proxy values only in steps [7, 17) the

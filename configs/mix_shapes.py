@@ -52,7 +52,7 @@ position and the second object's shape and position):
 |---|---|---|---|---|---|
 | mix, reference window 7/50–17/50 | 0.04 | 1.00 | 0.04 | 0.18 (0.14) | 1.00 |
 | mix, window 0.5–1 | 0.92 | 0.96 | 0.88 | 0.46 (0.42) | 1.00 |
-| mix, window 0.5–1, second shape preserved (self-attention localisation) | 0.92 | 0.96 | 0.88 | 0.45 (0.42) | 1.00 |
+| mix, window 0.5–1, second shape preserved (localisation) | 0.92 | 0.96 | 0.88 | 0.45 (0.42) | 1.00 |
 | mix, window 0.5–1, no background blend | 0.92 | 0.96 | 0.88 | 0.45 (0.42) | 1.00 |
 | baseline: proxy prompt, same seed | 0.88 | 0.96 | 0.83 | 4.14 (0.71) | 0.88 |
 

@@ -4,7 +4,8 @@ Run:  python scripts/bench_mix.py [--model DIR] [--steps 50] [--proxies 3] [--re
 
 Prints, on one model in one run (steady state, compiled, best of ``--repeats``):
 Rounds are interleaved (plain 1, plain batch, mix, plain 1, …) and the best of each kind
-is kept, so load from other processes affects the three alike.
+is kept, so load from other processes affects the three alike (scripts/benchutil.py's
+best_time times one kind at a time, which a busy shared machine biases).
   1. plain generation of the original prompt alone (1 image);
   2. prompt mixing ``[original, P proxies]`` in one call (window, background blend);
   3. the ratio mix / (1 + P) × plain (goal ≤ 1.0), and mix / plain batch of 1 + P;
@@ -17,7 +18,6 @@ import argparse
 
 import time
 
-from benchutil import best_time  # noqa: F401  (shared helper; rounds are interleaved here)
 
 
 def _time(fn) -> float:

@@ -20,8 +20,9 @@ Per case, the world's detector reads the original and the variant:
 ``--phrasing two``: "a {c1} {s1} {p1} and a {c2} {s2} {p2}", the first shape varied; kept
 = the first object's position and the second object's shape and position as in the
 original; ``--preserve-other`` adds a run with the second shape word preserved (the
-self-attention localisation). ``--phrasing bare`` uses "a {colour} {shape}" prompts instead: nothing but the object
-is stated, so where the object sits and which background it gets come from the noise.
+self-attention localisation). ``--phrasing bare`` uses "a {colour} {shape}" prompts
+instead: nothing but the object is stated, so where the object sits and which background it
+gets come from the noise.
 
 Baseline beside it: plain generation of the prompt with the proxy word substituted, same
 seed (same initial noise as the original). Ablation: every window of ``--windows``, and the
@@ -248,7 +249,8 @@ def main():
     res["runs"]["baseline: proxy prompt, same seed"] = {"summary": s, "records": base}
     rows.append(("baseline: proxy prompt, same seed", s))
     print()
-    print(f"{len(base)} cases ({args.prompts} {args.phrasing} prompts x 3 proxies), {args.steps} steps, "
+    print(f"{len(base)} cases ({args.prompts} {args.phrasing} prompts x 3 proxies), "
+          f"{args.steps} steps, "
           f"CFG {args.guidance_scale}")
     print("| run | shape = proxy | colour+position+background kept | both | "
           "outside mask: mean abs (uint8) | outside <= 2 |")

@@ -68,7 +68,8 @@ def test_kv_sourcing_matches_numpy(pipe):
 
 
 def test_blend_once_with_dilated_union_mask():
-    """MixBlend at its step: x_p ← x_0 + dilate(M_0 ∪ M_p)·(x_p − x_0); other steps: as is."""
+    """MixBlend at its step: x_p ← x_0 + dilate(M_0 ∪ M_p)·(x_p − x_0); other steps: as
+    is."""
     g, m, h, s = 1, 3, 8, 5
     rng = np.random.default_rng(1)
     acc = np.zeros((g, m, 4, 4, s), np.float32)
@@ -85,7 +86,7 @@ def test_blend_once_with_dilated_union_mask():
     lat_j, acc_j = jnp.asarray(lat), jnp.asarray(acc)
     np.testing.assert_array_equal(op.on_step(lat_j, acc_j, jnp.int32(6), layout), lat)
     got = np.asarray(op.on_step(lat_j, acc_j, jnp.int32(7), layout))
-    # NumPy restatement: word map → threshold of the max → nearest ×2 → union → 3×3 dilation
+    # NumPy restatement: word map → threshold of the max → nearest ×2 → union → dilation
     wmap = acc[..., 2]
     mk = wmap / wmap.max(axis=(2, 3), keepdims=True) > 0.3
     mk = mk.repeat(2, axis=2).repeat(2, axis=3)

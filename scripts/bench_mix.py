@@ -1,11 +1,11 @@
 """Benchmark: prompt mixing cost against plain single-image generation.
 
-Run:  python scripts/bench_mix.py [--model DIR] [--steps 50] [--proxies 3] [--repeats 3]
+Run:  python scripts/bench_mix.py [--model DIR] [--steps 50] [--proxies 3] [--repeats 5]
 
-Prints, on one model in one run (steady state, compiled, best of ``--repeats``):
 Rounds are interleaved (plain 1, plain batch, mix, plain 1, …) and the best of each kind
 is kept, so load from other processes affects the three alike (scripts/benchutil.py's
-best_time times one kind at a time, which a busy shared machine biases).
+best_time times one kind at a time, which a busy shared machine biases). Prints, on one
+model in one run (steady state, compiled, best of ``--repeats``):
   1. plain generation of the original prompt alone (1 image);
   2. prompt mixing ``[original, P proxies]`` in one call (window, background blend);
   3. the ratio mix / (1 + P) × plain (goal ≤ 1.0), and mix / plain batch of 1 + P;
@@ -15,9 +15,7 @@ best_time times one kind at a time, which a busy shared machine biases).
 from __future__ import annotations
 
 import argparse
-
 import time
-
 
 
 def _time(fn) -> float:

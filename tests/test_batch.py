@@ -107,48 +107,47 @@ def _free_port() -> int:
 def test_devices_processes_and_kill9_resume_are_bit_identical(tiny_sd_dir, tmp_path):
     job = _write_job(tmp_path / "job.jsonl", JOB)
     env = _env()
-    # the reference (1 device) and the 2-process job (one program over both processes'
-    # devices, inputs by jax.make_array_from_process_local_data) run side by side
+    # all at once: the reference (1 device), the 2-process job (one program over both
+    # processes' devices, inputs by jax.make_array_from_process_local_data) and a
+    # 4-device job that is killed with SIGKILL after its first completed shard
+    pipe = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ref = subprocess.Popen(_cmd(job, tmp_path / "ref", tiny_sd_dir, "--num-devices", "1"),
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           **pipe)
     port = _free_port()
     procs = [subprocess.Popen(_cmd(job, tmp_path / "mp", tiny_sd_dir, "--num-devices", "2",
                                    "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                                   "2", "--process-id", str(i)),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    for p in [ref, *procs]:
-        log, _ = p.communicate(timeout=600)
+                                   "2", "--process-id", str(i)), **pipe) for i in range(2)]
+    out = tmp_path / "k"
+    cmd = _cmd(job, out, tiny_sd_dir, "--num-devices", "4")
+    k = subprocess.Popen(cmd, **pipe)
+    t0 = time.time()
+    while not list((out / "shards").glob("p000-*.tar")) and k.poll() is None \
+            and time.time() - t0 < 900:
+        time.sleep(0.05)
+    assert k.poll() is None, "the job ended before it could be killed"
+    k.send_signal(signal.SIGKILL)
+    k.communicate()
+    assert not (out / "manifest.json").exists()
+    partial = _outputs(out)
+    assert 0 < len(partial) < IMAGES
+    restart = subprocess.Popen(cmd, **pipe)          # the same command resumes
+    for p in [ref, *procs, restart]:
+        log, _ = p.communicate(timeout=900)
         assert p.returncode == 0, log[-3000:]
+        if p is restart:
+            assert "resuming" in log, log[-2000:]
     reference = _check_complete(tmp_path / "ref")
     multi = _check_complete(tmp_path / "mp")
     # each process wrote only its own shards and index
     for i in range(2):
-        assert {m["process"] for k, (_, m) in multi.items()
+        assert {m["process"] for k_, (_, m) in multi.items()
                 if m["shard"].startswith(f"p{i:03d}")} == {i}
     assert len(list((tmp_path / "mp" / "index").glob("p*.parquet"))) == 2
     _same(reference, multi)
-
-    # 4 devices, kill -9 after the first completed shard, restart with the same command
-    out = tmp_path / "k"
-    cmd = _cmd(job, out, tiny_sd_dir, "--num-devices", "4")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
-    t0 = time.time()
-    while not list((out / "shards").glob("p000-*.tar")) and p.poll() is None \
-            and time.time() - t0 < 600:
-        time.sleep(0.05)
-    assert p.poll() is None, "the job ended before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not (out / "manifest.json").exists()
-    partial = _outputs(out)
-    assert 0 < len(partial) < IMAGES
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" in r.stderr
     resumed = _check_complete(out)
     _same(reference, resumed)
+    for key in partial:                               # what was done was not redone
+        np.testing.assert_array_equal(partial[key][0], resumed[key][0])
     # a third run finds everything done and generates nothing
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "done: 0 requests" in r.stderr, r.stderr[-2000:]

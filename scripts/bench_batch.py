@@ -59,6 +59,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def run_jattn(n: int, steps: int, batch_size: int, shard_size: int, work: Path) -> dict:
     job = work / f"job-{n}-{batch_size}.jsonl"
     job.write_text("".join(json.dumps({"id": f"{i:06d}", "prompt": p, "seed": i}) + "\n"
@@ -70,6 +79,7 @@ def run_jattn(n: int, steps: int, batch_size: int, shard_size: int, work: Path) 
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples = []        # (time, rss MB, requests in completed shards)
+    cpu = cpu_first = float("nan")
     first_shard_t = None
 
     def done_requests() -> int:
@@ -79,7 +89,11 @@ def run_jattn(n: int, steps: int, batch_size: int, shard_size: int, work: Path) 
         d = min(done_requests(), n)
         if d and first_shard_t is None:
             first_shard_t = (time.time(), d)
+            cpu_first = cpu_s(p.pid)
         samples.append((time.time() - t0, rss_mb(p.pid), d))
+        c = cpu_s(p.pid)
+        if c == c:
+            cpu = c
         time.sleep(0.2)
     _, err = p.communicate()
     if p.returncode != 0:
@@ -89,22 +103,24 @@ def run_jattn(n: int, steps: int, batch_size: int, shard_size: int, work: Path) 
     st = m["per_process"][0]
     at10 = next((r for _, r, d in samples if d >= 0.1 * n), float("nan"))
     at100 = [r for _, r, _ in samples if r == r][-1]
-    steady = float("nan")
+    steady = steady_cpu = float("nan")
     if first_shard_t is not None:
+        steady_cpu = (cpu - cpu_first) / max(n - first_shard_t[1], 1)
         t1, d1 = first_shard_t
         end = t0 + st["seconds"] + (wall - st["seconds"])  # ~ process end
         steady = (n - d1) / max(end - t1, 1e-9)
     return dict(images=m["images"], wall=wall, seconds=st["seconds"],
                 ips=st["images_per_second"], steady_ips=steady, rss10=at10, rss100=at100,
                 rss_max=max(r for _, r, _ in samples), output_s=st["output_seconds"],
-                index_s=st["index_seconds"], shards=len(m["shards"]))
+                index_s=st["index_seconds"], shards=len(m["shards"]), cpu=cpu,
+                steady_cpu=steady_cpu)
 
 
-def diffusers_pipe():
+def diffusers_pipe(threads: int):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     return StableDiffusionPipeline.from_pretrained(
         str(ROOT / "jattn" / "assets" / "bundled"), safety_checker=None,
         requires_safety_checker=False)
@@ -115,6 +131,7 @@ def run_torch(pipe, ps: list[str], steps: int, batch: int) -> dict:
 
     pipe.set_progress_bar_config(disable=True)
     t0 = time.time()
+    c0 = time.process_time()
     n = 0
     with torch.inference_mode():
         for i in range(0, len(ps), batch):
@@ -124,7 +141,7 @@ def run_torch(pipe, ps: list[str], steps: int, batch: int) -> dict:
                        output_type="np").images
             n += len(out)
     dt = time.time() - t0
-    return dict(images=n, seconds=dt, ips=n / dt)
+    return dict(images=n, seconds=dt, ips=n / dt, cpu=time.process_time() - c0)
 
 
 def main() -> None:
@@ -133,6 +150,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=8, help="jattn requests per device")
     ap.add_argument("--torch-batch", type=int, default=8)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (1: on a machine shared with other jobs, "
+                         "2 OpenMP threads spin at barriers and run ~10x slower)")
     ap.add_argument("--shard-size", type=int, default=0, help="default: requests / 20")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
@@ -141,7 +161,7 @@ def main() -> None:
     shard = a.shard_size or max(1, n // 20)
     work = Path(tempfile.mkdtemp(prefix="bench_batch-"))
     print(f"work dir {work}; {n} requests, {a.steps} steps, CFG 7.5, bundled model")
-    tpipe = None if a.skip_torch else diffusers_pipe()
+    tpipe = None if a.skip_torch else diffusers_pipe(a.torch_threads)
     jb, tb = a.batch_size, a.torch_batch
     if a.tune:
         best = {}
@@ -160,7 +180,9 @@ def main() -> None:
     j = run_jattn(n, a.steps, jb, shard, work)
     print(f"jattn batch   (batch {jb}/device, 1 device): {j['images']} images in "
           f"{j['seconds']:.1f} s (process wall {j['wall']:.1f} s): {j['ips']:.3f} images/s "
-          f"incl. compile, {j['steady_ips']:.3f} images/s after the first shard")
+          f"incl. compile, {j['steady_ips']:.3f} images/s after the first shard; "
+          f"{j['cpu'] / j['images']:.2f} CPU s/image incl. load + compile, "
+          f"{j['steady_cpu']:.3f} after the first shard")
     print(f"  RSS at 10 %: {j['rss10']:.0f} MB, at 100 %: {j['rss100']:.0f} MB "
           f"(max {j['rss_max']:.0f} MB)")
     print(f"  output bookkeeping (PNG + tar + fsync/rename + index): {j['output_s']:.2f} s "
@@ -169,10 +191,12 @@ def main() -> None:
     if tpipe is not None:
         run_torch(tpipe, prompts(min(tb, n)), a.steps, tb)            # warm-up
         t = run_torch(tpipe, prompts(n), a.steps, tb)
-        print(f"diffusers loop (batch {tb}): {t['images']} images in {t['seconds']:.1f} s: "
-              f"{t['ips']:.3f} images/s")
-        print(f"ratio jattn / diffusers: {j['ips'] / t['ips']:.2f} (incl. compile), "
-              f"{j['steady_ips'] / t['ips']:.2f} (steady)")
+        print(f"diffusers loop (batch {tb}, {a.torch_threads} thread(s)): {t['images']} "
+              f"images in {t['seconds']:.1f} s: {t['ips']:.3f} images/s; "
+              f"{t['cpu'] / t['images']:.2f} CPU s/image")
+        print(f"ratio jattn / diffusers (images/s): {j['ips'] / t['ips']:.2f} (incl. "
+              f"compile), {j['steady_ips'] / t['ips']:.2f} (steady); by CPU time per image "
+              f"(robust on a shared machine): {t['cpu'] / j['steady_cpu']:.2f} (steady)")
 
 
 if __name__ == "__main__":

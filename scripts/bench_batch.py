@@ -196,7 +196,8 @@ def main() -> None:
               f"{t['cpu'] / t['images']:.2f} CPU s/image")
         print(f"ratio jattn / diffusers (images/s): {j['ips'] / t['ips']:.2f} (incl. "
               f"compile), {j['steady_ips'] / t['ips']:.2f} (steady); by CPU time per image "
-              f"(robust on a shared machine): {t['cpu'] / j['steady_cpu']:.2f} (steady)")
+              f"(robust on a shared machine): {t['cpu'] / t['images'] / j['steady_cpu']:.2f} "
+              "(steady)")
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def _parse_line(obj: Any, path, line: int) -> Request:
     known = REQUEST_KEYS + (P2P_KEYS if method == "p2p" else ())
     unknown = [k for k in obj if k not in known]
     if unknown:
-        extra = "" if method == "p2p" else f' (p2p arguments need "method": "p2p")' \
+        extra = "" if method == "p2p" else ' (p2p arguments need "method": "p2p")' \
             if any(k in P2P_KEYS for k in unknown) else ""
         raise _err(path, line, f"unknown argument(s) {', '.join(map(repr, unknown))} for "
                                f"method {method!r}{extra}; known: {', '.join(known)}")

@@ -9,6 +9,19 @@ plain generation of G images with the same steps and CFG; seconds per
 output image after a warm-up call (compilation excluded, reported apart). Figures depend on
 the device: CPU here; GPU/TPU whenever one is lent.
 
+Reference implementation on the same weights and CPU (garibida/cross-image-attention@ee2080c
+fetched to /tmp, never committed; run its ``invert_images`` + ``run_appearance_transfer``
+twice, time the second). Adaptations: "cuda" → "cpu"; the model = jattn/assets/bundled
+(``from_pretrained``, DDIM from its scheduler folder with ``rescale_betas_zero_snr=False,
+timestep_spacing="leading"``, because the reference divides by sqrt(ᾱ_T), 0 under zero
+terminal SNR); its 64² / 32² attention tests and segmentation resolutions mapped to 16² / 8²
+(cross maps 16 → 4, 32 → 8); image size 512 → 128; FreeU UNet → diffusers' plain
+UNet2DConditionModel (FreeU's channel constants are SD1.5's); pipeline ``__init__`` and
+``_encode_prompt`` calls fixed for diffusers 0.42 (keywords, ``image_encoder``,
+``encode_prompt`` without CFG); NLTK and pyrallis replaced by offline stand-ins ("shape" is
+the noun). The bundled model predicts v, which the reference reads as epsilon: its images
+are not meaningful, its cost is (same UNet calls).
+
 Expected cost ratio, from the work: the loop runs 3 rows (OUT, APP, STRUCT) and a second UNet
 pass on the swap steps (58 of the 68 steps run at 100 steps), i.e. ≈ 3 · (68 + 58) / 100 ≈
 3.8 UNet row-evaluations per plain one, plus the inversion of two images (100 steps).

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jattn.world.detector import classify_pixels, detect  # noqa: E402
 from jattn.world.scene import _background, render  # noqa: E402
-from jattn.world.spec import BACKGROUNDS, COLORS, ObjectSpec, SceneSpec  # noqa: E402
+from jattn.world.spec import ObjectSpec, SceneSpec  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "heart", "star", "ring")
 POS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")

@@ -622,7 +622,9 @@ def _build_ddim(c, ac, n_req):
     coef = dict(
         sqrt_alpha=np.sqrt(a_t), sqrt_beta=np.sqrt(beta_t),
         sqrt_alpha_prev=np.sqrt(a_prev), sqrt_beta_prev=np.sqrt(beta_prev),
-        dir=np.sqrt((_f32(1.0) - a_prev) - std * std), std=std,
+        # exactly 0 where a_t = 0 (zero terminal SNR, eta = 1): float rounding can make it
+        # -1e-8, whose sqrt is NaN (diffusers' DDIMScheduler then returns NaN latents)
+        dir=np.sqrt(np.maximum((_f32(1.0) - a_prev) - std * std, _f32(0.0))), std=std,
     )
     sigmas = np.concatenate([_ve_sigma(a_t), _ve_sigma(a_prev[-1:])])
     return ts, sigmas, final, 1.0, coef

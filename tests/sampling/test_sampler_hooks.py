@@ -89,3 +89,14 @@ def test_bad_hooks_raise():
     with pytest.raises(ValueError, match="adds no noise"):
         run(SamplerHooks(noise=jnp.zeros((3, 2, 4, 4, 3))),
             sch.make_schedule(sch.SchedulerConfig(kind="euler"), 3))
+
+
+def test_ddim_eta_one_on_zero_terminal_snr_has_no_nan():
+    """DDIM with eta = 1 on the bundled zero-terminal-SNR schedule: the first step's
+    direction term is exactly 0 (rounding made it sqrt(-1e-8) = NaN at 10 and 25 steps)."""
+    import jattn
+
+    pipe = jattn.load(None)
+    for n in (10, 25, 50):
+        coef = pipe.schedule(n, "ddim", 1.0).coef
+        assert all(np.isfinite(np.asarray(v)).all() for v in coef.values()), n

@@ -202,18 +202,31 @@ def sample(
     hooks = SamplerHooks() if hooks is None else hooks
     _check_hooks(hooks, schedule, latents)
 
+    carries = guidance is not None and getattr(guidance, "carries_loss", False)
+
     def body(carry, i):
-        x, state, acc = carry
+        if carries:  # guidance's per-sample loss persists across steps ("carried")
+            x, state, acc, gl = carry
+        else:
+            x, state, acc = carry
         t = schedule.timesteps[i]
         if guidance is not None:
             from jattn.sampling.guidance import apply_guidance
 
-            x, _ = jax.lax.cond(
-                guidance.step_size[i] != 0,
-                lambda z: apply_guidance(guidance, unet_fn,
-                                         lambda y: sch.scale_model_input(schedule, y, i),
-                                         z, t, cond, i),
-                lambda z: (z, jnp.zeros((), jnp.float32)), x)
+            if carries:
+                x, gl = jax.lax.cond(
+                    guidance.step_size[i] != 0,
+                    lambda z, l: apply_guidance(
+                        guidance, unet_fn, lambda y: sch.scale_model_input(schedule, y, i),
+                        z, t, cond, i, prev_loss=l),
+                    lambda z, l: (z, l), x, gl)
+            else:
+                x, _ = jax.lax.cond(
+                    guidance.step_size[i] != 0,
+                    lambda z: apply_guidance(guidance, unet_fn,
+                                             lambda y: sch.scale_model_input(schedule, y, i),
+                                             z, t, cond, i),
+                    lambda z: (z, jnp.zeros((), jnp.float32)), x)
         x_in = sch.scale_model_input(schedule, x, i)
         u = None
         if do_cfg:
@@ -235,8 +248,14 @@ def sample(
         if callback is not None:
             out = callback({"latents": x_new, "step": i, "x0": x0, "aux": acc})
             x_new, acc = out["latents"], out["aux"]
+        if carries:
+            return (x_new, state, acc, gl), None
         return (x_new, state, acc), None
 
     steps = jnp.arange(int(hooks.start_step), n)
+    if carries:
+        gl0 = jnp.full((latents.shape[0],), jnp.inf, jnp.float32)
+        (x, _, acc, _), _ = jax.lax.scan(body, (latents, state0, aux_init, gl0), steps)
+        return x, acc
     (x, _, acc), _ = jax.lax.scan(body, (latents, state0, aux_init), steps)
     return x, acc

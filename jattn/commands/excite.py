@@ -1,0 +1,71 @@
+"""``jattn excite``: Attend-and-Excite (Chefer et al. SIGGRAPH 2023;
+:mod:`jattn.methods.excite`).
+
+  jattn excite --prompt TEXT --excite PHRASE [--excite PHRASE …] [--prompt …] [--seed N]
+      [--steps N] [--guidance-scale S] [--scale-factor 20] [--attn-res R]
+      [--token-span prompt|diffusers] --out-dir DIR
+
+Every ``--excite`` phrase applies to every ``--prompt`` (each must occur in each prompt).
+Writes ``000.png …`` (one per prompt, in order), ``grid.png`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args, arguments,
+                                   float_type, int_type, load_pipeline, save_grid, seeds_for)
+
+
+def cmd_excite(args) -> int:
+    from jattn.methods.excite import attend_and_excite, excite_guidance
+
+    prompts = list(args.prompt)
+    phrases = list(args.excite or [])
+    if not phrases:
+        raise ValueError("--excite: give at least one phrase of the prompt to excite, e.g. "
+                         "--excite circle --excite square")
+    seeds = seeds_for(args, len(prompts))
+    out = OutputDir(args.out_dir, overwrite=args.overwrite)
+    out.reserve(*OutputDir.image_names(len(prompts)), "grid.png")
+    pipe = load_pipeline(args)
+    excite = [phrases for _ in prompts]
+    try:  # checks every phrase/argument before any compute
+        excite_guidance(pipe, prompts, excite, num_inference_steps=args.steps,
+                        attn_res=args.attn_res, token_span=args.token_span)
+    except ValueError as e:
+        raise ValueError(str(e).replace("excite:", "--excite:")
+                         .replace("attn_res=", "--attn-res ")) from None
+    t0 = time.perf_counter()
+    res = attend_and_excite(pipe, prompts, excite, num_inference_steps=args.steps,
+                            guidance_scale=args.guidance_scale, seed=seeds,
+                            scale_factor=args.scale_factor, attn_res=args.attn_res,
+                            token_span=args.token_span)
+    seconds = time.perf_counter() - t0
+    paths = out.images(res.images)
+    if len(prompts) > 1:
+        save_grid(out, res.images, prompts)
+    out.finish(dict(command="excite", arguments=arguments(args), seeds=seeds,
+                    prompts=prompts, excite=phrases, model=pipe.source, seconds=seconds))
+    for p, prompt in zip(paths, prompts):
+        print(f"{p}\t{prompt}")
+    return 0
+
+
+def register(sub, edit_sub) -> None:
+    p = sub.add_parser("excite", help="Attend-and-Excite: every subject appears "
+                                      "(Chefer et al. 2023)")
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat)")
+    p.add_argument("--excite", action="append", default=None,
+                   help="phrase of the prompt to excite (repeat; stop words are dropped)")
+    p.add_argument("--scale-factor", type=float_type(0.0), default=20.0,
+                   help="step size scale (reference 20; 0 = plain generation)")
+    p.add_argument("--attn-res", type=int_type(1), default=None,
+                   help="cross-attention resolution of the loss (default: ceil(width/32), "
+                        "diffusers' rule)")
+    p.add_argument("--token-span", choices=["prompt", "diffusers"], default="prompt",
+                   help="softmax over the prompt's tokens [1, EOS) (reference) or [1, 76) "
+                        "(diffusers' port)")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_excite)

@@ -27,6 +27,7 @@ INV = ["invert", "--prompt", "a photo", "--steps", "2", "--method", "ddim"]
 OUT = ["--out-dir", "{d}/out"]
 CI = ["cross-image", "--structure", "{d}/photo.png", "--steps", "2"]
 MIX = ["edit", "mix", "--prompt", "a red circle", "--steps", "2"]
+EXC = ["excite", "--prompt", "a red circle and a blue square", "--steps", "2"]
 
 CASES = [
     # --- numbers that were silently wrong or tracebacks
@@ -140,6 +141,11 @@ CASES = [
     (["segment", "--prompt", "a photo of the left"] + T + OUT, "--words"),
     (["segment", "--prompt", "a red circle", "--start-step", "0.6", "--end-step", "0.5"] + T
      + OUT, "--start-step"),
+    # --- excite (Attend-and-Excite)
+    (EXC + T + OUT + ["--attn-res", "8"], "--excite"),
+    (EXC + T + OUT + ["--excite", "a", "--attn-res", "8"], "--excite: 'a' is only stop words"),
+    (EXC + T + OUT + ["--excite", "dog", "--attn-res", "8"], "--excite: 'dog' is not in"),
+    (EXC + T + OUT + ["--excite", "circle", "--attn-res", "5"], "--attn-res 5"),
 ]
 
 

@@ -221,12 +221,12 @@ def sample(
                         z, t, cond, i, prev_loss=l),
                     lambda z, l: (z, l), x, gl)
             else:
-                x, _ = jax.lax.cond(
+                x = jax.lax.cond(
                     guidance.step_size[i] != 0,
                     lambda z: apply_guidance(guidance, unet_fn,
                                              lambda y: sch.scale_model_input(schedule, y, i),
-                                             z, t, cond, i),
-                    lambda z: (z, jnp.zeros((), jnp.float32)), x)
+                                             z, t, cond, i)[0],
+                    lambda z: z, x)
         x_in = sch.scale_model_input(schedule, x, i)
         u = None
         if do_cfg:

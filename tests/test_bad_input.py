@@ -28,6 +28,7 @@ OUT = ["--out-dir", "{d}/out"]
 CI = ["cross-image", "--structure", "{d}/photo.png", "--steps", "2"]
 MIX = ["edit", "mix", "--prompt", "a red circle", "--steps", "2"]
 EXC = ["excite", "--prompt", "a red circle and a blue square", "--steps", "2"]
+LAY = ["layout", "--prompt", "a red circle and a blue square", "--steps", "2"]
 
 CASES = [
     # --- numbers that were silently wrong or tracebacks
@@ -146,6 +147,12 @@ CASES = [
     (EXC + T + OUT + ["--excite", "a", "--attn-res", "8"], "--excite: 'a' is only stop words"),
     (EXC + T + OUT + ["--excite", "dog", "--attn-res", "8"], "--excite: 'dog' is not in"),
     (EXC + T + OUT + ["--excite", "circle", "--attn-res", "5"], "--attn-res 5"),
+    # --- layout (layout guidance)
+    (LAY + T + OUT, "--box: layout guidance needs"),
+    (LAY + T + OUT + ["--box", "red circle=0,0,8,17"], "--box[0]: box"),
+    (LAY + T + OUT + ["--box", "red circle=8,0,4,8"], "x1 > x0"),
+    (LAY + T + OUT + ["--box", "dog=0,0,8,8"], "--box: 'dog' is not in"),
+    (LAY + T + OUT + ["--box", "red circle 0,0,8,8"], "PHRASE=x0,y0,x1,y1"),
 ]
 
 

@@ -5,4 +5,4 @@ subparser to ``sub`` (``jattn NAME``) or to ``edit_sub`` (``jattn edit NAME``) a
 ``func``. ``jattn/cli.py`` registers them after its own commands.
 """
 
-MODULES: tuple[str, ...] = ("mix", "cross_image", "segment", "batch", "excite")
+MODULES: tuple[str, ...] = ("mix", "cross_image", "segment", "batch", "excite", "layout")

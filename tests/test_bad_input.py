@@ -337,10 +337,9 @@ def test_maps_file_names_cannot_escape(tiny_sd_dir, tmp_path):
 
 
 def test_interrupt_flag_stops_compiled_loop_within_one_unet_call(tiny_sd_dir):
-    """The in-graph check (enabled by the CLI) aborts a long compiled loop as soon as the
-    flag is set; the flag here is set by hand from a timer thread (SIGINT sets it the same
-    way, see test_sigint_stops_cli_generation)."""
-    import threading
+    """The in-graph check (enabled by the CLI) aborts a compiled 400-step loop at its first
+    UNet call once the flag is set (SIGINT sets it the same way, see
+    test_sigint_stops_cli_generation); without the flag the same program runs to the end."""
     import time
 
     import jattn
@@ -353,15 +352,15 @@ def test_interrupt_flag_stops_compiled_loop_within_one_unet_call(tiny_sd_dir):
     t0 = time.perf_counter()
     pipe.generate("a", num_inference_steps=400)                        # a full run
     full = time.perf_counter() - t0
-    timer = threading.Timer(full / 4, interrupt.request)
-    timer.start()
+    interrupt.request()
     t0 = time.perf_counter()
     with pytest.raises(BaseException) as info:
         pipe.generate("a", num_inference_steps=400)
     stopped = time.perf_counter() - t0
     interrupt.reset()
     assert interrupt.is_interrupt(info.value)
-    assert stopped < full * 0.75, (stopped, full)
+    assert stopped < full / 4, (stopped, full)
+    pipe.generate("a", num_inference_steps=400)                        # reset: runs again
 
 
 def test_sigint_stops_cli_generation(tmp_path):
@@ -387,5 +386,5 @@ def test_sigint_stops_cli_generation(tmp_path):
     assert err.strip().splitlines() == [
         "jattn generate: interrupted; files already written are complete, nothing "
         "half-written"], err
-    assert waited < 5, waited
+    assert waited < 8, waited
     assert not (tmp_path / "o").exists()

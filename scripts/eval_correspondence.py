@@ -5,8 +5,9 @@ Run:  python scripts/eval_correspondence.py --method segment [--model DIR] [--ca
           [--config configs/segment_world.py] [--out runs/eval_segment.json]
 
 Methods (``--method``; each is one entry of ``METHODS``, a function
-``(pipe, args) -> results dict``; prompt mixing and cross-image correspondence are meant to
-join as further entries reusing the world cases and mask metrics below):
+``(pipe, args) -> results dict``, or of ``SCRIPTS``: ``mix`` runs scripts/eval_mix.py and
+``cross-image`` scripts/eval_cross_image.py with the remaining arguments, e.g.
+``--method cross-image --n 48 --steps 100 --guidance-scale 3.5``):
 
 * ``segment`` — self-segmentation (:mod:`jattn.methods.segment`; Patashnik et al. ICCV
   2023). Two parts, ``--cases`` each (≥ 48):
@@ -373,12 +374,28 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# methods whose evaluation lives in its own script (run with the remaining arguments)
+SCRIPTS = {"mix": "eval_mix.py", "cross-image": "eval_cross_image.py"}
+
+
 def main(argv=None):
+    import runpy
+    import sys
+
     import jattn
     from jattn.io.outputs import _jsonable
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    known, rest = pre.parse_known_args(argv)
+    if known.method in SCRIPTS:
+        script = Path(__file__).resolve().parent / SCRIPTS[known.method]
+        sys.argv = [str(script)] + rest
+        runpy.run_path(str(script), run_name="__main__")
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", choices=sorted(METHODS), required=True)
+    ap.add_argument("--method", choices=sorted(METHODS) + sorted(SCRIPTS), required=True)
     ap.add_argument("--model", default=None)
     ap.add_argument("--config", default=None, help="a configs/segment_*.py (its settings)")
     ap.add_argument("--cases", type=int, default=48, help="cases per part")

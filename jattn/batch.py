@@ -508,51 +508,66 @@ def _replicate(tree, mesh):
     return jax.tree_util.tree_map(put, tree)
 
 
+def _call_inputs(pipe, res: dict, policy_reqs: list[Request], rows: list[Request]):
+    """What one compiled call needs: text embeddings, schedule, policy and initial latents.
+
+    ``policy_reqs``: every group of the call (the p2p policy is built over all of them);
+    ``rows``: the requests whose rows this process supplies (embeddings, latents, keys).
+    Returns ``(do_cfg, cond, uncond, schedule, policy, x, keys)`` with ``x`` already scaled
+    by the scheduler's ``init_noise_sigma``. As :func:`jattn.methods.p2p.edit` (seed s):
+    p2p group latents from numpy's ``default_rng(s)``, member i keyed by ``s + i``.
+    """
+    import jax.numpy as jnp
+
+    from jattn.sampling import sampler as sampler_lib
+
+    steps, height, width = res["steps"], res["height"], res["width"]
+    f = pipe.vae_scale_factor
+    h, w, c = height // f, width // f, pipe.unet_config.in_channels
+    g, m = len(policy_reqs), rows[0].members
+    prompts = [p for r in rows for p in r.prompts()]
+    negs = [r.negative_prompt for r in rows for _ in range(m)]
+    do_cfg = res["guidance_scale"] > 1.0
+    cond = pipe.encode_prompts(prompts)
+    uncond = pipe.encode_prompts(negs, name="negative_prompt") if do_cfg else cond
+    schedule = pipe.schedule(steps, res["scheduler"])
+    policy = None
+    if rows[0].method == "p2p":
+        from jattn.methods.p2p import p2p_policy
+
+        a = dict(rows[0].args)
+        a.pop("targets")
+        for k in ("cross_replace_steps", "self_replace_steps"):
+            if isinstance(a.get(k), list):
+                a[k] = tuple(a[k])
+        policy = p2p_policy(pipe, [r.prompt for r in policy_reqs] if g > 1
+                            else policy_reqs[0].prompt,
+                            [list(r.args["targets"]) for r in policy_reqs] if g > 1
+                            else list(policy_reqs[0].args["targets"]),
+                            num_steps=steps, height=height, width=width, **a)
+        lat = np.stack([np.random.default_rng(r.seed).standard_normal((c, h, w))
+                        for r in rows]).astype(np.float32)
+        x = jnp.asarray(np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1))
+        seeds = [r.seed + i for r in rows for i in range(m)]
+        keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
+    else:
+        keys = sampler_lib.per_sample_keys(np.asarray([r.seed for r in rows], np.uint32))
+        x = sampler_lib.initial_noise(keys, (h, w, c))
+    return do_cfg, cond, uncond, schedule, policy, x * schedule.init_noise_sigma, keys
+
+
 def _sample_global(pipe, mesh, local: list[Request], global_reqs: list[Request], res: dict):
     """One call of the cross-process program: ``global_reqs`` (process-major, each
     process's rows padded to the same count) sharded over the global mesh; this process
     supplies only its own rows (``local``) through ``jax.make_array_from_process_local_data``
     and gets back only its own images: uint8 ``(len(local), M, H, W, 3)``."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jattn.sampling import sampler as sampler_lib
-
-    steps, gs_value = res["steps"], res["guidance_scale"]
-    height, width = res["height"], res["width"]
-    f = pipe.vae_scale_factor
-    h, w, c = height // f, width // f, pipe.unet_config.in_channels
-    g, m = len(global_reqs), local[0].members
-    prompts = [p for r in local for p in r.prompts()]
-    negs = [r.negative_prompt for r in local for _ in range(m)]
-    do_cfg = gs_value > 1.0
-    cond = np.asarray(pipe.encode_prompts(prompts))
-    uncond = np.asarray(pipe.encode_prompts(negs, name="negative_prompt")) if do_cfg else cond
-    schedule = pipe.schedule(steps, res["scheduler"])
-    policy = None
-    if local[0].method == "p2p":
-        from jattn.methods.p2p import p2p_policy
-
-        a = dict(local[0].args)
-        a.pop("targets")
-        for k in ("cross_replace_steps", "self_replace_steps"):
-            if isinstance(a.get(k), list):
-                a[k] = tuple(a[k])
-        policy = p2p_policy(pipe, [r.prompt for r in global_reqs] if g > 1
-                            else global_reqs[0].prompt,
-                            [list(r.args["targets"]) for r in global_reqs] if g > 1
-                            else list(global_reqs[0].args["targets"]),
-                            num_steps=steps, height=height, width=width, **a)
-        lat = np.stack([np.random.default_rng(r.seed).standard_normal((c, h, w))
-                        for r in local]).astype(np.float32)
-        x = jnp.asarray(np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1))
-        seeds = [r.seed + i for r in local for i in range(m)]
-        keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
-    else:
-        keys = sampler_lib.per_sample_keys(np.asarray([r.seed for r in local], np.uint32))
-        x = sampler_lib.initial_noise(keys, (h, w, c))
-    x = np.asarray(x * schedule.init_noise_sigma)
+    gs_value, m = res["guidance_scale"], local[0].members
+    do_cfg, cond, uncond, schedule, policy, x, keys = _call_inputs(pipe, res, global_reqs,
+                                                                   local)
+    x, cond, uncond = np.asarray(x), np.asarray(cond), np.asarray(uncond)
     rows = NamedSharding(mesh, P("data"))
     glob = lambda a: jax.make_array_from_process_local_data(rows, a)  # noqa: E731
     x, cond, uncond = glob(x), glob(cond), glob(uncond)
@@ -580,43 +595,8 @@ def _sample_group_batch(pipe, mesh, reqs: list[Request], res: dict):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jattn.sampling import sampler as sampler_lib
-
-    steps, gs_value = res["steps"], res["guidance_scale"]
-    height, width = res["height"], res["width"]
-    f = pipe.vae_scale_factor
-    h, w, c = height // f, width // f, pipe.unet_config.in_channels
-    g, m = len(reqs), reqs[0].members
-    prompts = [p for r in reqs for p in r.prompts()]
-    negs = [r.negative_prompt for r in reqs for _ in range(m)]
-    do_cfg = gs_value > 1.0
-    cond = pipe.encode_prompts(prompts)
-    uncond = pipe.encode_prompts(negs, name="negative_prompt") if do_cfg else cond
-    schedule = pipe.schedule(steps, res["scheduler"])
-    policy = None
-    if reqs[0].method == "p2p":
-        from jattn.methods.p2p import p2p_policy
-
-        a = dict(reqs[0].args)
-        a.pop("targets")
-        for k in ("cross_replace_steps", "self_replace_steps"):
-            if isinstance(a.get(k), list):
-                a[k] = tuple(a[k])
-        policy = p2p_policy(pipe, [r.prompt for r in reqs] if g > 1 else reqs[0].prompt,
-                            [list(r.args["targets"]) for r in reqs] if g > 1
-                            else list(reqs[0].args["targets"]),
-                            num_steps=steps, height=height, width=width, **a)
-        # as jattn.methods.p2p.edit(seed=s): group latents from numpy's default_rng(s),
-        # member i of the group uses seed s + i for its (stochastic-scheduler) key
-        lat = np.stack([np.random.default_rng(r.seed).standard_normal((c, h, w))
-                        for r in reqs]).astype(np.float32)
-        x = jnp.asarray(np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1))
-        seeds = [r.seed + i for r in reqs for i in range(m)]
-        keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
-    else:
-        keys = sampler_lib.per_sample_keys(np.asarray([r.seed for r in reqs], np.uint32))
-        x = sampler_lib.initial_noise(keys, (h, w, c))
-    x = x * schedule.init_noise_sigma
+    gs_value, g, m = res["guidance_scale"], len(reqs), reqs[0].members
+    do_cfg, cond, uncond, schedule, policy, x, keys = _call_inputs(pipe, res, reqs, reqs)
     rows = NamedSharding(mesh, P("data"))
     x, cond, uncond, keys = (jax.device_put(v, rows) for v in (x, cond, uncond, keys))
     fn = pipe._sample_fn(do_cfg, None)

@@ -21,7 +21,7 @@ from jattn.io.outputs import OutputDir
 
 __all__ = ["Parser", "int_type", "float_type", "STEPS", "SEED", "SIZE", "GUIDANCE",
            "FRACTION", "add_model_args", "add_out_args", "add_sampling_args", "load_pipeline",
-           "arguments", "save_grid", "seeds_for", "load_npy", "read_image", "SCHEDULERS",
+           "arguments", "save_grid", "write_outputs", "seeds_for", "load_npy", "read_image", "SCHEDULERS",
            "MAX_SEED", "OutputDir"]
 
 SCHEDULERS = ["ddim", "ddpm", "euler", "dpm++2m"]
@@ -151,4 +151,15 @@ def read_image(pipe, path: str, arg: str = "--image"):
 
     return load_image(path, pipe.default_size, arg=arg)
 
+
+def write_outputs(out: OutputDir, images, labels: list[str], result: dict) -> list[Path]:
+    """The usual ending of a command: ``000.png, 001.png, …``, ``grid.png`` when there are
+    several images (labelled), ``result.json``; one ``path<TAB>label`` line per image."""
+    paths = out.images(images)
+    if len(images) > 1:
+        save_grid(out, images, labels)
+    out.finish(result)
+    for p, label in zip(paths, labels):
+        print(f"{p}\t{label}")
+    return paths
 

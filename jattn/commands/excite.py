@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args, arguments,
-                                   float_type, int_type, load_pipeline, save_grid, seeds_for)
+                                   float_type, int_type, load_pipeline, seeds_for, write_outputs)
 
 
 def cmd_excite(args) -> int:
@@ -42,13 +42,8 @@ def cmd_excite(args) -> int:
                             scale_factor=args.scale_factor, attn_res=args.attn_res,
                             token_span=args.token_span)
     seconds = time.perf_counter() - t0
-    paths = out.images(res.images)
-    if len(prompts) > 1:
-        save_grid(out, res.images, prompts)
-    out.finish(dict(command="excite", arguments=arguments(args), seeds=seeds,
+    write_outputs(out, res.images, prompts, dict(command="excite", arguments=arguments(args), seeds=seeds,
                     prompts=prompts, excite=phrases, model=pipe.source, seconds=seconds))
-    for p, prompt in zip(paths, prompts):
-        print(f"{p}\t{prompt}")
     return 0
 
 

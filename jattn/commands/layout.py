@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args, arguments,
-                                   load_pipeline, save_grid, seeds_for)
+                                   load_pipeline, seeds_for, write_outputs)
 
 
 def cmd_layout(args) -> int:
@@ -65,13 +65,8 @@ def cmd_layout(args) -> int:
                                 guidance_scale=args.guidance_scale, seed=seeds)
         extra["excite"] = phrases
     seconds = time.perf_counter() - t0
-    paths = out.images(res.images)
-    if len(prompts) > 1:
-        save_grid(out, res.images, prompts)
-    out.finish(dict(command="layout", method=method, arguments=arguments(args), seeds=seeds,
+    write_outputs(out, res.images, prompts, dict(command="layout", method=method, arguments=arguments(args), seeds=seeds,
                     prompts=prompts, model=pipe.source, seconds=seconds, **extra))
-    for p, prompt in zip(paths, prompts):
-        print(f"{p}\t{prompt}")
     return 0
 
 

@@ -80,3 +80,23 @@ def test_bad_boxes(jpipe):
         layout_guidance(jpipe, p, [["dog", "square"]], [[(0, 0, 8, 8), (8, 8, 16, 16)]])
     with pytest.raises(ValueError, match="boxes"):
         layout_guidance(jpipe, p, [["red circle"]], [[(0, 0, 8, 8), (8, 8, 16, 16)]])
+
+
+def test_cli_excite_and_layout_write_their_files(tiny_sd_dir, tmp_path):
+    """`jattn excite` and `jattn layout` end to end on the tiny pipeline: 000.png … in
+    prompt order, grid.png, result.json listing them."""
+    import json
+
+    from jattn.cli import main
+
+    common = ["--model", str(tiny_sd_dir), "--steps", "2", "--prompt",
+              "a red circle and a blue square", "--prompt", "a blue circle and a red square"]
+    rc = main(["excite", *common, "--attn-res", "8", "--excite", "circle", "--excite",
+               "square", "--out-dir", str(tmp_path / "e")])
+    assert rc == 0
+    rc = main(["layout", *common, "--box", "circle=0,0,0.5,0.5", "--box", "square=0.5,0.5,1,1",
+               "--out-dir", str(tmp_path / "l")])
+    assert rc == 0
+    for d in ("e", "l"):
+        files = json.loads((tmp_path / d / "result.json").read_text())["files"]
+        assert files == ["000.png", "001.png", "grid.png", "result.json"], (d, files)

@@ -102,6 +102,7 @@ def test_reweighting_a_colour_word_changes_its_amount_monotonically(pipe):
     assert r["amount_mean"][-1] > r["amount_mean"][0], r
 
 
+@pytest.mark.slow  # ~100 s: null-text on the tiny pipeline is in tests/sampling (default suite)
 def test_null_text_reconstructs_a_real_photo_as_well_as_the_vae(pipe):
     """Null-text inversion (Mokady et al. 2023) of a real photo: regenerating with CFG 7.5
     from the inversion is within 1 dB of the VAE's own round trip; plain DDIM inversion is

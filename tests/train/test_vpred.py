@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jattn.sampling import schedulers as sch
 from jattn.train import stages
@@ -152,6 +153,7 @@ def test_v_prediction_phase_starts_from_the_pretrained_ema(tmp_path):
         stages.train_diffusion(bad, progress=False, latents=latents, ids=ids)
 
 
+@pytest.mark.slow  # ~40 s of three tiny training phases; run with -m slow
 def test_three_phases_and_text_layer_reinit(tmp_path):
     """A tuple of pretraining phases trains in ``diffusion_pretrain``,
     ``diffusion_pretrain_2``, then ``diffusion``; a phase with ``reinit_text_layers``

@@ -137,17 +137,24 @@ class Pipeline:
         return self._text_fn()(self.params["text_encoder"], ids)
 
     # ------------------------------------------------------------------ vae
+    def decoder_program(self):
+        """The VAE decode as a pure, un-jitted function ``(vae_params, latents) -> images``
+        (scaled latents float ``(B, h, w, C)`` -> uint8 ``(B, H, W, 3)``), to compose into a
+        larger compiled program (e.g. :mod:`jattn.batch`'s micro-batched job program);
+        :meth:`decode` runs it jitted."""
+        cfg = self.vae_config
+
+        def decode(params, latents_nhwc):
+            self._count("decode")
+            x = vae_lib.decode_latents(params, cfg, latents_nhwc.astype(self.dtype))
+            x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.round(x * 255).astype(jnp.uint8)
+
+        return decode
+
     def _decode_fn(self):
         if "decode" not in self._cache:
-            cfg = self.vae_config
-
-            def decode(params, latents_nhwc):
-                self._count("decode")
-                x = vae_lib.decode_latents(params, cfg, latents_nhwc.astype(self.dtype))
-                x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-                return jnp.round(x * 255).astype(jnp.uint8)
-
-            self._cache["decode"] = jax.jit(decode)
+            self._cache["decode"] = jax.jit(self.decoder_program())
         return self._cache["decode"]
 
     def decode(self, latents_nhwc: jax.Array) -> np.ndarray:
@@ -229,26 +236,41 @@ class Pipeline:
                 f"timesteps (diffusers fails the same way); use at most "
                 f"{cfg.num_train_timesteps - cfg.steps_offset} steps.") from None
 
+    def sampler_program(self, do_cfg: bool, aux_fns=None):
+        """The sampler loop as a pure, un-jitted function, to compose into a larger compiled
+        program (e.g. :mod:`jattn.batch`'s micro-batched job program); :meth:`generate`
+        runs it jitted.
+
+        Returns ``run(unet_params, schedule, latents, cond, uncond, gs, keys, policy,
+        uncond_steps, guidance, gr, hooks=None) -> (final, aux)``: ``latents`` float32
+        ``(B, h, w, C)`` already scaled by ``schedule.init_noise_sigma``; ``cond``/``uncond``
+        ``(B, 77, D)`` (``uncond`` unused when ``do_cfg`` is False); ``gs``/``gr`` float32
+        scalars (CFG scale, guidance rescale); ``keys`` ``(B,)`` PRNG keys; ``policy``,
+        ``uncond_steps``, ``guidance``, ``hooks`` as in :meth:`generate` (None = off);
+        ``final`` the denoised latents ``(B, h, w, C)``, ``aux`` the policy's aggregate.
+        """
+        def run(params, schedule, latents, cond, uncond, gs, keys, policy, uncond_steps,
+                guidance, gr, hooks=None):
+            self._count("sample")
+            aux_init = aux_update = callback = None
+            if aux_fns is not None:
+                aux_init_fn, aux_update, callback = aux_fns
+                aux_init = aux_init_fn(policy, latents)
+            elif isinstance(policy, Policy):
+                aux_init = policy.aux_init(latents)
+                aux_update, callback = policy.aux_update, policy.on_step
+            return sampler_lib.sample(
+                self.unet_fn(params), schedule, latents, cond,
+                uncond if do_cfg else None, gs, keys, policy=policy, aux_init=aux_init,
+                aux_update=aux_update, callback=callback, uncond_per_step=uncond_steps,
+                guidance=guidance, guidance_rescale=gr, hooks=hooks)
+
+        return run
+
     def _sample_fn(self, do_cfg: bool, aux_fns=None):
         key = ("sample", do_cfg, aux_fns)
         if key not in self._cache:
-            def run(params, schedule, latents, cond, uncond, gs, keys, policy, uncond_steps,
-                    guidance, gr, hooks=None):
-                self._count("sample")
-                aux_init = aux_update = callback = None
-                if aux_fns is not None:
-                    aux_init_fn, aux_update, callback = aux_fns
-                    aux_init = aux_init_fn(policy, latents)
-                elif isinstance(policy, Policy):
-                    aux_init = policy.aux_init(latents)
-                    aux_update, callback = policy.aux_update, policy.on_step
-                return sampler_lib.sample(
-                    self.unet_fn(params), schedule, latents, cond,
-                    uncond if do_cfg else None, gs, keys, policy=policy, aux_init=aux_init,
-                    aux_update=aux_update, callback=callback, uncond_per_step=uncond_steps,
-                    guidance=guidance, guidance_rescale=gr, hooks=hooks)
-
-            self._cache[key] = jax.jit(run)
+            self._cache[key] = jax.jit(self.sampler_program(do_cfg, aux_fns))
         return self._cache[key]
 
     def min_size(self) -> int:

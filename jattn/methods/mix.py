@@ -362,10 +362,8 @@ def mix_policy(
         words_arr = np.zeros((g, m, pipe_context_tokens(pipe)), np.float32)
         for gi, ix in enumerate(idx):
             words_arr[gi, :, ix] = 1.0
-        blend = MixBlend(words=jnp.asarray(words_arr[0] if g == 1 else words_arr),
-                         threshold=jnp.asarray([blend_threshold, blend_threshold], jnp.float32),
-                         start_step=jnp.asarray(b, jnp.int32), dilation=int(dilation),
-                         last_member_mask=bool(reference_quirks))
+        blend = MixBlend.build(words_arr[0] if g == 1 else words_arr, blend_threshold, b,
+                               dilation=int(dilation), last_member_mask=bool(reference_quirks))
         policies.append(resolve([(Select(kind="cross", resolutions=(res,)), blend)], sites,
                                 layout=layout))
     if keep is not None:

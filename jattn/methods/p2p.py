@@ -189,10 +189,8 @@ def p2p_policy(
         words = stack(list(_word_rows(tok, all_prompts, blend_words, "blend_words")))
         sub = (stack(list(_word_rows(tok, all_prompts, subtract_words, "subtract_words")))
                if subtract_words else None)
-        blend = LocalBlend(words=words,
-                           threshold=jnp.asarray([blend_threshold, blend_threshold], jnp.float32),
-                           start_step=jnp.asarray(int(start_blend * num_steps), jnp.int32),
-                           subtract=sub)
+        blend = LocalBlend.build(words, blend_threshold, int(start_blend * num_steps),
+                                 subtract=sub)
         policies.append(resolve([(Select(kind="cross", resolutions=(res,)), blend)], sites,
                                 layout=layout, record_post_edit=reference_quirks))
     if capture:

@@ -232,6 +232,16 @@ class LocalBlend(Op):
 
     needs_probs = True
 
+    @classmethod
+    def build(cls, words, threshold: float, start_step: int, subtract=None, **static):
+        """The op from host values: ``threshold`` used for both the blend and the subtract
+        mask, ``start_step`` a step index; ``static`` the subclass's static fields."""
+        return cls(words=jnp.asarray(words, jnp.float32),
+                   threshold=jnp.asarray([threshold, threshold], jnp.float32),
+                   start_step=jnp.asarray(int(start_step), jnp.int32),
+                   subtract=None if subtract is None else jnp.asarray(subtract, jnp.float32),
+                   **static)
+
     def record(self, ctx, p_pre, p_post):
         p = p_pre.astype(jnp.float32).mean(axis=1)
         if ctx.layout.cfg:

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jattn.models.features import FeatureSite, feature_seam, group_norm_stats, group_normalize
+
 Array = jax.Array
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "timestep_embedding",
     "TimestepEmbedding",
     "upsample_nearest",
+    "feature_point",
 ]
 
 
@@ -37,6 +40,11 @@ class GroupNorm(nn.Module):
     ``C // num_groups`` channels, with the two-pass variance (no ``E[x^2]-E[x]^2``
     cancellation). Parameters ``scale``/``bias`` of shape ``(C,)``.
 
+    Feature seam: when ``site_path`` is set the call takes ``(x, policy, step)`` and returns
+    ``(y, aux)``; the policy may replace the normalised, pre-affine value (e.g. statistics
+    shared with another member) at the ``group_norm`` :class:`~jattn.models.features.FeatureSite`
+    ``site_path`` (see :mod:`jattn.models.features`). Without ``site_path``: ``y`` only.
+
     Input ``(B, ..., C)``; output same shape in ``dtype``.
     Raises:
       ValueError: if C is not divisible by ``num_groups``.
@@ -46,22 +54,51 @@ class GroupNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    site_path: str | None = None
+    block: str = ""
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, policy=None, step=None):
         c = x.shape[-1]
         if c % self.num_groups:
             raise ValueError(f"GroupNorm: {c} channels not divisible by {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        shape = x.shape
-        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-        centred = xg - mean
-        var = jnp.mean(jnp.square(centred), axis=(1, 3), keepdims=True)
-        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+        res = None
+        if self.site_path is not None:
+            site = FeatureSite(self.site_path, "group_norm", tuple(x.shape[1:3]), c, self.block,
+                               self.num_groups, float(self.epsilon))
+            res = feature_seam(site, x, policy, step)
+        if res is None:
+            mean, var = group_norm_stats(x, self.num_groups)
+            y, aux = group_normalize(x, mean, var, self.num_groups, self.epsilon), {}
+        else:
+            y, aux = res
+            y = y.astype(jnp.float32)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        y = y.astype(self.dtype)
+        if self.site_path is None:
+            return y
+        return y, _site_aux(self.site_path, aux)
+
+
+def _site_aux(path: str, aux) -> dict:
+    """``{path: aux}`` when aux holds arrays, else ``{}`` (as the attention seam does)."""
+    return {path: aux} if jax.tree_util.tree_leaves(aux) else {}
+
+
+def feature_point(path: str | None, kind: str, x: Array, policy, step, block: str
+                  ) -> tuple[Array, dict]:
+    """Run the feature seam at a ``resnet``/``backbone``/``skip`` point (``path`` None: no
+    seam). Returns ``(x, {path: aux} or {})``; x keeps its dtype."""
+    if path is None:
+        return x, {}
+    site = FeatureSite(path, kind, tuple(x.shape[1:3]), x.shape[-1], block)
+    res = feature_seam(site, x, policy, step)
+    if res is None:
+        return x, {}
+    out, aux = res
+    return out.astype(x.dtype), _site_aux(path, aux)
 
 
 class Conv2d(nn.Module):
@@ -106,9 +143,14 @@ class ResnetBlock2D(nn.Module):
     ``out = (shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb))))))
     / output_scale_factor``; the shortcut is a 1x1 ``conv_shortcut`` when channels change.
 
+    Feature seam: when ``site_path`` is set (the UNet), the call takes ``(x, temb, policy,
+    step)`` and returns ``(out, aux)``: ``norm1``/``norm2`` are ``group_norm`` sites
+    ``{site_path}.norm1``/``.norm2`` and the output is the ``resnet`` site ``site_path``
+    (:mod:`jattn.models.features`). Without ``site_path`` (the VAE) it returns ``out``.
+
     Args (call): x ``(B, h, w, in_channels)``; temb ``(B, temb_channels)`` or ``None``
       (must be ``None`` iff ``temb_channels`` is ``None``).
-    Returns: ``(B, h, w, out_channels)`` in ``dtype``.
+    Returns: ``(B, h, w, out_channels)`` in ``dtype`` (and aux, see above).
     """
 
     in_channels: int
@@ -119,14 +161,28 @@ class ResnetBlock2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
     groups_out: int | None = None
     output_scale_factor: float = 1.0
+    site_path: str | None = None
+    block: str = ""
 
     @nn.compact
-    def __call__(self, x: Array, temb: Array | None = None) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, policy=None, step=None):
         out_channels = self.out_channels or self.in_channels
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"ResnetBlock2D: expected {self.in_channels} input channels, got "
                              f"{x.shape[-1]}")
-        h = GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x)
+        sp = self.site_path
+        aux: dict = {}
+
+        def norm(name, groups, h):
+            gn = GroupNorm(groups, self.eps, dtype=self.dtype, name=name,
+                           site_path=None if sp is None else f"{sp}.{name}", block=self.block)
+            if sp is None:
+                return gn(h)
+            h, a = gn(h, policy, step)
+            aux.update(a)
+            return h
+
+        h = norm("norm1", self.groups, x)
         h = nn.silu(h)
         h = Conv2d(out_channels, 3, dtype=self.dtype, name="conv1")(h)
         if self.temb_channels is not None:
@@ -134,7 +190,7 @@ class ResnetBlock2D(nn.Module):
                 raise ValueError("ResnetBlock2D: temb is required when temb_channels is set")
             t = nn.Dense(out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = GroupNorm(self.groups_out or self.groups, self.eps, dtype=self.dtype, name="norm2")(h)
+        h = norm("norm2", self.groups_out or self.groups, h)
         h = nn.silu(h)
         h = Conv2d(out_channels, 3, dtype=self.dtype, name="conv2")(h)
         if self.in_channels != out_channels:
@@ -142,7 +198,11 @@ class ResnetBlock2D(nn.Module):
         out = x.astype(self.dtype) + h
         if self.output_scale_factor != 1.0:
             out = out / jnp.asarray(self.output_scale_factor, out.dtype)
-        return out
+        if sp is None:
+            return out
+        out, a = feature_point(sp, "resnet", out, policy, step, self.block)
+        aux.update(a)
+        return out, aux
 
 
 class Downsample2D(nn.Module):

@@ -33,8 +33,10 @@ from flax import traverse_util
 
 from jattn.io.convert import params_to_state_dict, state_dict_to_params
 from jattn.models.attention import AttentionSite, SiteRecorder, attend
+from jattn.models.features import FeatureSite, FeatureSiteRecorder
 from jattn.models.layers import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
-                                 TimestepEmbedding, Upsample2D, timestep_embedding)
+                                 TimestepEmbedding, Upsample2D, feature_point,
+                                 timestep_embedding)
 
 Array = jax.Array
 
@@ -42,6 +44,7 @@ __all__ = [
     "UNetConfig",
     "UNet2DConditionModel",
     "list_sites",
+    "list_feature_sites",
     "init_params",
     "param_shapes",
     "convert_unet_state_dict",
@@ -486,13 +489,13 @@ class Transformer2DModel(nn.Module):
         b, h, w, c = x.shape
         inner = self.num_heads * self.head_dim
         residual = x
-        x = GroupNorm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
+        x, aux = GroupNorm(self.groups, 1e-6, dtype=self.dtype, name="norm",
+                           site_path=f"{self.site_path}.norm", block=self.block)(x, policy, step)
         if self.use_linear_projection:
             x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
         else:
             x = Conv2d(inner, 1, padding=0, dtype=self.dtype, name="proj_in")(x)
             x = x.reshape(b, h * w, inner)  # (B, T, C)
-        aux: dict = {}
         for i in range(self.num_layers):
             x, a = BasicTransformerBlock(
                 inner, self.num_heads, self.head_dim, f"{self.site_path}.transformer_blocks.{i}",
@@ -554,8 +557,11 @@ class DownBlock(nn.Module):
         skips, aux = [], {}
         for i in range(self.num_layers):
             cin = self.in_channels if i == 0 else self.out_channels
-            x = ResnetBlock2D(cin, self.out_channels, self.temb_channels, self.groups,
-                              self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
+            x, au = ResnetBlock2D(cin, self.out_channels, self.temb_channels, self.groups,
+                                  self.eps, self.dtype, name=f"resnets_{i}",
+                                  site_path=f"{self.site_path}.resnets.{i}", block="down")(
+                                      x, temb, policy, step)
+            _merge(aux, au)
             if self.attn is not None:
                 a = self.attn
                 x, au = _transformer(a, f"{self.site_path}.attentions.{i}", "down", self.groups,
@@ -589,15 +595,18 @@ class MidBlock(nn.Module):
     def __call__(self, x, temb, context, policy, step):
         res = lambda i: ResnetBlock2D(  # noqa: E731
             self.channels, self.channels, self.temb_channels, self.groups, self.eps,
-            self.dtype, output_scale_factor=self.output_scale_factor, name=f"resnets_{i}")
-        x = res(0)(x, temb)
+            self.dtype, output_scale_factor=self.output_scale_factor, name=f"resnets_{i}",
+            site_path=f"{self.site_path}.resnets.{i}", block="mid")
         aux: dict = {}
+        x, au = res(0)(x, temb, policy, step)
+        _merge(aux, au)
         a = self.attn
         for i in range(self.num_layers):
             x, au = _transformer(a, f"{self.site_path}.attentions.{i}", "mid", self.groups,
                                  self.dtype, f"attentions_{i}")(x, context, policy, step)
             _merge(aux, au)
-            x = res(i + 1)(x, temb)
+            x, au = res(i + 1)(x, temb, policy, step)
+            _merge(aux, au)
         return x, aux
 
 
@@ -628,9 +637,17 @@ class UpBlock(nn.Module):
         for i in range(self.num_layers):
             skip = skips.pop()
             cin = (self.prev_output_channels if i == 0 else self.out_channels) + skip.shape[-1]
+            rp = f"{self.site_path}.resnets.{i}"
+            # FreeU's points: the two inputs of the concat (diffusers' apply_freeu)
+            x, au = feature_point(f"{rp}.backbone", "backbone", x, policy, step, "up")
+            _merge(aux, au)
+            skip, au = feature_point(f"{rp}.skip", "skip", skip, policy, step, "up")
+            _merge(aux, au)
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-            x = ResnetBlock2D(cin, self.out_channels, self.temb_channels, self.groups,
-                              self.eps, self.dtype, name=f"resnets_{i}")(x, temb)
+            x, au = ResnetBlock2D(cin, self.out_channels, self.temb_channels, self.groups,
+                                  self.eps, self.dtype, name=f"resnets_{i}", site_path=rp,
+                                  block="up")(x, temb, policy, step)
+            _merge(aux, au)
             if self.attn is not None:
                 a = self.attn
                 x, au = _transformer(a, f"{self.site_path}.attentions.{i}", "up", self.groups,
@@ -673,11 +690,14 @@ class UNet2DConditionModel(nn.Module):
       timesteps: scalar or ``(B,)`` DDPM timesteps (not step indices).
       encoder_hidden_states: ``(B, S, D)`` context (text encoder output), D =
         ``config.cross_attention_dim``.
-      policy: ``None`` or an attention policy (see :mod:`jattn.models.attention`).
+      policy: ``None`` or an attention policy (see :mod:`jattn.models.attention`); if it
+        also has a ``feature`` method it is called at every feature site
+        (:mod:`jattn.models.features`: resnet outputs, GroupNorms, FreeU's backbone/skip).
       step: int32 scalar step index handed to the policy.
     Returns:
       ``(out, aux)``: out ``(B, h, w, C_out)`` in ``dtype``; aux ``{site_path: site_aux}``
-      over every site whose aux is non-empty (``{}`` without a policy).
+      over every attention or feature site whose aux is non-empty (``{}`` without a
+      policy).
     Raises:
       ValueError: on a wrong channel count or context width.
     """
@@ -747,7 +767,9 @@ class UNet2DConditionModel(nn.Module):
                     policy, step)
             _merge(aux, au)
 
-        x = GroupNorm(groups, eps, dtype=self.dtype, name="conv_norm_out")(x)
+        x, au = GroupNorm(groups, eps, dtype=self.dtype, name="conv_norm_out",
+                          site_path="conv_norm_out")(x, policy, step)
+        _merge(aux, au)
         x = nn.silu(x)
         x = Conv2d(cfg.out_channels, 3, dtype=self.dtype, name="conv_out")(x)
         return x, aux
@@ -785,6 +807,30 @@ def list_sites(config: UNetConfig, sample_size: int | tuple[int, int] | None = N
     model = UNet2DConditionModel(config)
     x, t, ctx = _dummy_inputs(config, sample_size, context_tokens)
     recorder = SiteRecorder()
+
+    def run(x, t, ctx):
+        return model.init_with_output(jax.random.key(0), x, t, ctx, policy=recorder)
+
+    jax.eval_shape(run, x, t, ctx)
+    return list(recorder.sites)
+
+
+def list_feature_sites(config: UNetConfig,
+                       sample_size: int | tuple[int, int] | None = None) -> list[FeatureSite]:
+    """Every feature site of the UNet (:mod:`jattn.models.features`), in call order, no
+    FLOPs (``jax.eval_shape``): per resnet ``norm1``, ``norm2``, the output; per transformer
+    its ``norm``; before each up-block resnet its ``backbone`` and ``skip`` inputs; last
+    ``conv_norm_out``.
+
+    Args:
+      config: the UNet configuration.
+      sample_size: latent side in cells (int or ``(h, w)``); default ``config.sample_size``.
+    Raises:
+      ValueError: if no sample size is known.
+    """
+    model = UNet2DConditionModel(config)
+    x, t, ctx = _dummy_inputs(config, sample_size, 1)
+    recorder = FeatureSiteRecorder()
 
     def run(x, t, ctx):
         return model.init_with_output(jax.random.key(0), x, t, ctx, policy=recorder)

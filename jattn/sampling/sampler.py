@@ -26,7 +26,7 @@ from jattn.sampling import schedulers as sch
 Array = jax.Array
 
 __all__ = ["sample", "SamplerHooks", "guided_eps", "per_sample_keys", "initial_noise",
-           "UNetFn"]
+           "UNetFn", "reimposition"]
 
 # unet_fn(latents (B', h, w, C), timesteps (B',), context (B', S, D), policy, step)
 #   -> (eps (B', h, w, C), aux dict)
@@ -71,12 +71,27 @@ class SamplerHooks:
         Dynamic: new scales never recompile.
       second_policy: the attention policy of the second pass (None: plain attention); what
         it records is not aggregated.
+      reimpose: float32 ``(n_steps, B, h, w, C)`` or None: latent re-imposition. After step
+        index ``i`` (absolute, also when ``start_step > 0``; after the scheduler step and
+        the per-step callback) the rows where ``reimpose_rows`` is True are replaced by
+        ``reimpose[i]``, the latents the next step starts from (the last row,
+        ``reimpose[n_steps-1]``, becomes the final latents of those rows). StyleAligned
+        from a reference image (google/style-aligned ``inversion.py``,
+        ``make_inversion_callback``: ``latents[0] = zts[max(offset + 1, i + 1)]`` after
+        each step), Plug-and-Play and MasaCtrl on real images; :func:`reimposition` builds
+        it from a DDIM-inversion trajectory. With multistep schedulers (DPM-Solver++,
+        PNDM) the scheduler's history of those rows stays the model's. Dynamic: a new
+        trajectory never recompiles.
+      reimpose_rows: bool ``(B,)``: which rows are re-imposed (required with
+        ``reimpose``).
     """
 
     noise: Array | None = None
     start_step: int = struct.field(pytree_node=False, default=0)
     second_scale: Array | None = None
     second_policy: Any = None
+    reimpose: Array | None = None
+    reimpose_rows: Array | None = None
 
 
 def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) -> None:
@@ -96,6 +111,61 @@ def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) ->
         if not schedule.stochastic:
             raise ValueError(f"hooks.noise: scheduler kind={schedule.kind!r} adds no noise; "
                              "given noise maps need 'ddpm' or 'ddim' with eta > 0")
+    if hooks.reimpose is not None:
+        want = (n,) + tuple(latents.shape)
+        if tuple(hooks.reimpose.shape) != want:
+            raise ValueError(f"hooks.reimpose: shape {tuple(hooks.reimpose.shape)}, expected "
+                             f"(n_steps, B, h, w, C) = {want} (row i: the latents after step i; "
+                             "see jattn.sampling.sampler.reimposition)")
+        if hooks.reimpose_rows is None or tuple(hooks.reimpose_rows.shape) != want[1:2]:
+            got = None if hooks.reimpose_rows is None else tuple(hooks.reimpose_rows.shape)
+            raise ValueError(f"hooks.reimpose_rows: shape {got}, expected bool (B,) = "
+                             f"{want[1:2]}: which rows take the given trajectory")
+    elif hooks.reimpose_rows is not None:
+        raise ValueError("hooks.reimpose_rows given without hooks.reimpose: give the "
+                         "trajectory (n_steps, B, h, w, C) too")
+
+
+def reimposition(trajectory: Array, offset: int = 0) -> tuple[Array, Array]:
+    """Initial latents and the :attr:`SamplerHooks.reimpose` rows from a DDIM-inversion
+    trajectory, as StyleAligned's ``make_inversion_callback(zts, offset)``.
+
+    The reference flips the inversion's ``[z*_0 … z*_T]`` into ``zts`` (``zts[0] = z*_T``),
+    starts the reference member from ``zts[offset]`` and after step ``i`` sets it to
+    ``zts[max(offset + 1, i + 1)]``. ``offset`` > 0 (5 in the SDXL notebooks) therefore
+    starts the reference ``offset`` steps *less noisy* than the schedule and holds it at
+    ``zts[offset + 1]`` for the first ``offset`` steps; from step ``offset`` on it follows
+    the inverted trajectory exactly. ``offset = 0``: the plain trajectory.
+
+    Args:
+      trajectory: float32 ``(n_steps + 1, B, h, w, C)`` ``z*_0 … z*_T`` (e.g.
+        ``Inversion.latents`` of :mod:`jattn.sampling.inversion`).
+      offset: int in ``[0, n_steps)``.
+    Returns:
+      ``(x_T (B, h, w, C), reimpose (n_steps, B, h, w, C))``.
+    Raises:
+      ValueError: a trajectory of fewer than 2 entries or an offset out of range.
+    """
+    z = jnp.asarray(trajectory, jnp.float32)
+    n = z.shape[0] - 1
+    if z.ndim != 5 or n < 1:
+        raise ValueError(f"trajectory of shape {tuple(z.shape)}: expected (n_steps + 1, B, h, "
+                         "w, C) z*_0 … z*_T")
+    if isinstance(offset, bool) or not 0 <= int(offset) < n:
+        raise ValueError(f"offset={offset!r}: must be an int in [0, {n})")
+    zts = z[::-1]
+    idx = [max(int(offset) + 1, i + 1) for i in range(n)]
+    return zts[int(offset)], zts[jnp.asarray(idx)]
+
+
+def _bind_policy(policy: Any, acc: Any) -> Any:
+    """Give ops that read the accumulators (``bind_aux``, e.g. a mask from another op's
+    recording) the accumulators as they are before this step's UNet call."""
+    ops = getattr(policy, "ops", None)
+    if acc is None or not ops or not any(hasattr(op, "bind_aux") for op in ops):
+        return policy
+    return policy.replace(ops=tuple(op.bind_aux(acc) if hasattr(op, "bind_aux") else op
+                                    for op in ops))
 
 
 def guided_eps(unet_fn: UNetFn, x_in: Array, t: Array, cond: Array, uncond: Array | None,
@@ -189,7 +259,8 @@ def sample(
       ``(final latents (B, h, w, C), aggregated aux)``.
     Raises:
       ValueError: ``hooks.start_step`` outside ``[0, n_steps)``; ``hooks.noise`` of the
-        wrong shape, or given to a deterministic scheduler.
+        wrong shape, or given to a deterministic scheduler; ``hooks.reimpose`` /
+        ``reimpose_rows`` of the wrong shape or one without the other.
     """
     do_cfg = uncond is not None or uncond_per_step is not None
     gs = jnp.asarray(guidance_scale, jnp.float32)
@@ -231,7 +302,8 @@ def sample(
         u = None
         if do_cfg:
             u = uncond_per_step[i] if uncond_per_step is not None else uncond
-        eps, aux = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, policy, i)
+        pol = _bind_policy(policy, acc)
+        eps, aux = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, pol, i)
         if hooks.second_scale is not None:  # second pass: eps_2 + s (eps - eps_2)
             s_i = hooks.second_scale[i]
 
@@ -248,6 +320,9 @@ def sample(
         if callback is not None:
             out = callback({"latents": x_new, "step": i, "x0": x0, "aux": acc})
             x_new, acc = out["latents"], out["aux"]
+        if hooks.reimpose is not None:  # rows that follow a given trajectory
+            rows = jnp.asarray(hooks.reimpose_rows, bool)[:, None, None, None]
+            x_new = jnp.where(rows, hooks.reimpose[i].astype(x_new.dtype), x_new)
         if carries:
             return (x_new, state, acc, gl), None
         return (x_new, state, acc), None

@@ -437,6 +437,10 @@ class Pipeline:
             if getattr(hooks, "noise", None) is not None:  # per-step rows with the batch
                 hooks = hooks.replace(noise=jax.device_put(
                     hooks.noise, NamedSharding(mesh, P(None, "data"))))
+            if getattr(hooks, "reimpose", None) is not None:  # per-step rows, row mask
+                hooks = hooks.replace(
+                    reimpose=jax.device_put(hooks.reimpose, NamedSharding(mesh, P(None, "data"))),
+                    reimpose_rows=jax.device_put(jnp.asarray(hooks.reimpose_rows, bool), rows))
             unet_params = self._replicated(mesh)
         final, aux = fn(unet_params, schedule, x, cond, uncond, gs, keys, policy,
                         uncond_per_step, guidance, jnp.asarray(guidance_rescale, jnp.float32),

@@ -24,7 +24,8 @@ __all__ = ["Parser", "int_type", "float_type", "STEPS", "SEED", "SIZE", "GUIDANC
            "arguments", "save_grid", "write_outputs", "seeds_for", "load_npy", "read_image", "SCHEDULERS",
            "MAX_SEED", "OutputDir"]
 
-SCHEDULERS = ["ddim", "ddpm", "euler", "dpm++2m"]
+SCHEDULERS = ["ddim", "ddpm", "euler", "euler-ancestral", "euler-karras", "dpm++2m",
+              "dpm++2m-karras"]  # = jattn.sampling.schedulers.SCHEDULER_NAMES
 MAX_SEED = 2**32 - 1
 
 

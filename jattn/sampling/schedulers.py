@@ -1,19 +1,25 @@
 """Diffusion schedulers as pure JAX functions, with diffusers' semantics and config names.
 
-Four schedulers (``kind``), each matching one diffusers class step for step:
+Five schedulers (``kind``), each matching one diffusers class step for step:
 
-==========  ====================================  ==========================================
-kind        diffusers class                       source
-==========  ====================================  ==========================================
-"ddim"      ``DDIMScheduler`` (+ ``eta``)         Song et al., "Denoising Diffusion Implicit
-                                                  Models", ICLR 2021, eq. 12
-"ddpm"      ``DDPMScheduler``                     Ho et al., "Denoising Diffusion
-                                                  Probabilistic Models", NeurIPS 2020, eq. 6-7
-"euler"     ``EulerDiscreteScheduler``            Karras et al., "Elucidating the Design
-                                                  Space ...", NeurIPS 2022, Algorithm 2
-"dpm++2m"   ``DPMSolverMultistepScheduler``       Lu et al., "DPM-Solver++", 2022,
-            (``algorithm_type="dpmsolver++"``)    Algorithm 2 (multistep, order <= 2)
-==========  ====================================  ==========================================
+* ``"ddim"``: ``DDIMScheduler`` (+ ``eta``). Song et al., "Denoising Diffusion Implicit
+  Models", ICLR 2021, eq. 12.
+* ``"ddpm"``: ``DDPMScheduler``. Ho et al., "Denoising Diffusion Probabilistic Models",
+  NeurIPS 2020, eq. 6-7.
+* ``"euler"``: ``EulerDiscreteScheduler`` (+ ``use_karras_sigmas``). Karras et al.,
+  "Elucidating the Design Space ...", NeurIPS 2022, Algorithm 2; Karras sigmas eq. 5
+  (rho = 7).
+* ``"euler-ancestral"``: ``EulerAncestralDiscreteScheduler``. k-diffusion's
+  ``sample_euler_ancestral`` (crowsonkb/k-diffusion, k_diffusion/sampling.py): an Euler
+  step to sigma_down, then fresh noise of std sigma_up (eta = 1).
+* ``"dpm++2m"``: ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``, +
+  ``use_karras_sigmas``). Lu et al., "DPM-Solver++", 2022, Algorithm 2 (multistep,
+  order <= 2).
+
+Scheduler *names* (:data:`SCHEDULER_NAMES`, what ``--scheduler`` takes) are the kinds plus
+presets: ``"euler-karras"`` = ``kind="euler", use_karras_sigmas=True`` and
+``"dpm++2m-karras"`` = ``kind="dpm++2m", use_karras_sigmas=True`` (diffusers' "DPM++ 2M
+Karras", common with SDXL). ``config.replace(kind=name)`` accepts every name.
 
 Usage (one compiled loop; ``i`` may be a traced step index)::
 
@@ -45,13 +51,14 @@ Design:
   element-wise updates follow diffusers' expressions term by term, so jattn and diffusers
   agree to float32 rounding (see tests/sampling/test_schedulers.py for measured figures).
 
-Randomness (DDPM, DDIM with ``eta > 0``): :func:`step` takes ``key``, a *batch* of PRNG
-keys, one per sample: typed keys shaped ``(B,)`` (``jax.random.split(key, B)``) or raw
-``uint32`` keys shaped ``(B, 2)``. Sample ``b``'s noise is drawn with ``key[b]`` alone, so
-image ``b`` is the same whether it is generated alone or in a batch of 64. The scheduler
-uses the keys as given: the caller (the sampler) folds the step index in
-(``jax.vmap(jax.random.fold_in, (0, None))(keys, i)``). ``noise=`` passes the variance
-noise explicitly instead (diffusers' ``variance_noise``; edit-friendly DDPM inversion).
+Randomness (DDPM, DDIM with ``eta > 0``, Euler ancestral): :func:`step` takes ``key``,
+a *batch* of PRNG keys, one per sample: typed keys shaped ``(B,)``
+(``jax.random.split(key, B)``) or raw ``uint32`` keys shaped ``(B, 2)``. Sample ``b``'s
+noise is drawn with ``key[b]`` alone, so image ``b`` is the same whether it is generated
+alone or in a batch of 64. The scheduler uses the keys as given: the caller (the sampler)
+folds the step index in (``jax.vmap(jax.random.fold_in, (0, None))(keys, i)``).
+``noise=`` passes the variance noise explicitly instead (diffusers' ``variance_noise``;
+edit-friendly DDPM inversion).
 
 Layout: the schedulers are element-wise; ``sample`` is ``(B, ...)`` with the batch first
 (latents ``(B, C, h, w)`` in diffusers' convention or ``(B, h, w, C)``, both work).
@@ -86,15 +93,30 @@ __all__ = [
     "pred_x0",
     "add_noise",
     "ddim_inversion_step",
+    "SCHEDULER_NAMES",
 ]
 
-Kind = Literal["ddim", "ddpm", "euler", "dpm++2m"]
-KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "dpm++2m")
+Kind = Literal["ddim", "ddpm", "euler", "euler-ancestral", "dpm++2m"]
+KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "euler-ancestral", "dpm++2m")
+
+# Scheduler names users pick (``--scheduler``): every kind, plus presets that also set
+# options. ``SchedulerConfig.replace(kind=name)`` applies the changes; a plain kind keeps
+# the checkpoint's other options (as diffusers' ``Class.from_config(config)``).
+SCHEDULER_NAMES: dict[str, dict[str, Any]] = {
+    "ddim": dict(kind="ddim"),
+    "ddpm": dict(kind="ddpm"),
+    "euler": dict(kind="euler"),
+    "euler-ancestral": dict(kind="euler-ancestral"),
+    "euler-karras": dict(kind="euler", use_karras_sigmas=True),
+    "dpm++2m": dict(kind="dpm++2m"),
+    "dpm++2m-karras": dict(kind="dpm++2m", use_karras_sigmas=True),
+}
 
 _KIND_TO_CLASS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
     "dpm++2m": "DPMSolverMultistepScheduler",
 }
 _CLASS_TO_KIND = {v: k for k, v in _KIND_TO_CLASS.items()}
@@ -115,6 +137,7 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "euler": dict(_COMMON_DEFAULTS, interpolation_type="linear", use_karras_sigmas=False,
                   sigma_min=None, sigma_max=None, timestep_spacing="linspace",
                   final_sigmas_type="zero"),
+    "euler-ancestral": dict(_COMMON_DEFAULTS, timestep_spacing="linspace"),
     "dpm++2m": dict(_COMMON_DEFAULTS, solver_order=2, algorithm_type="dpmsolver++",
                     solver_type="midpoint", lower_order_final=True, euler_at_final=False,
                     use_karras_sigmas=False, final_sigmas_type="zero",
@@ -150,7 +173,8 @@ class SchedulerConfig:
     missing from a diffusers config with the class defaults, as diffusers does.
 
     Attributes:
-      kind: ``"ddim"``, ``"ddpm"``, ``"euler"`` or ``"dpm++2m"``.
+      kind: ``"ddim"``, ``"ddpm"``, ``"euler"``, ``"euler-ancestral"`` or ``"dpm++2m"``
+        (:meth:`replace` also takes the presets of :data:`SCHEDULER_NAMES`).
       num_train_timesteps: number of training timesteps (1000 for SD).
       beta_start, beta_end: first/last beta of the ``linear``/``scaled_linear`` schedules.
       beta_schedule: ``"linear"``, ``"scaled_linear"`` (SD: linear in sqrt(beta)) or
@@ -173,7 +197,8 @@ class SchedulerConfig:
       solver_type: DPM-Solver++ second-order rule: ``"midpoint"`` or ``"heun"``.
       lower_order_final: DPM-Solver++: first-order last step when fewer than 15 steps.
       euler_at_final: DPM-Solver++: always a first-order (Euler) last step.
-      use_karras_sigmas: Euler/DPM-Solver++: Karras et al.'s rho=7 noise levels.
+      use_karras_sigmas: Euler/DPM-Solver++: Karras et al.'s rho=7 noise levels (ignored
+        by the other kinds, as their diffusers classes have no such option).
       sigma_min, sigma_max: Euler: bounds of the Karras sigmas (None: the schedule's).
       final_sigmas_type: Euler/DPM-Solver++: last noise level ``"zero"`` or ``"sigma_min"``.
       interpolation_type: Euler: only ``"linear"``.
@@ -215,8 +240,14 @@ class SchedulerConfig:
 
     def replace(self, **changes) -> "SchedulerConfig":
         """A copy with ``changes`` applied, e.g. ``config.replace(kind="ddim", eta=1.0)``
-        switches the scheduler and keeps the betas and spacing. Raises ValueError /
-        NotImplementedError for invalid or unsupported values."""
+        switches the scheduler and keeps the betas and spacing. ``kind`` may be any name
+        of :data:`SCHEDULER_NAMES`: ``replace(kind="dpm++2m-karras")`` is
+        ``replace(kind="dpm++2m", use_karras_sigmas=True)`` (explicit ``changes`` win).
+        Raises ValueError / NotImplementedError for invalid or unsupported values."""
+        name = changes.get("kind")
+        if isinstance(name, str) and name in SCHEDULER_NAMES and name not in KINDS:
+            changes = {**SCHEDULER_NAMES[name], **{k: v for k, v in changes.items()
+                                                   if k != "kind"}}
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -225,7 +256,8 @@ class SchedulerConfig:
         """Reads a diffusers ``scheduler_config.json`` dict.
 
         ``_class_name`` picks the kind: DDIMScheduler -> "ddim", DDPMScheduler -> "ddpm",
-        EulerDiscreteScheduler -> "euler", DPMSolverMultistepScheduler -> "dpm++2m". Every
+        EulerDiscreteScheduler -> "euler", EulerAncestralDiscreteScheduler ->
+        "euler-ancestral", DPMSolverMultistepScheduler -> "dpm++2m". Every
         other class (PNDMScheduler, LMSDiscreteScheduler, ... e.g. SD 1.x's PNDM) maps to
         "ddim" with the same betas, spacing and offset, which is what
         ``DDIMScheduler.from_config(config)`` gives in diffusers. ``kind`` overrides the
@@ -336,6 +368,7 @@ class SchedulerConfig:
             "ddpm": ["variance_type", "clip_sample", "clip_sample_range"],
             "euler": ["interpolation_type", "use_karras_sigmas", "sigma_min", "sigma_max",
                       "final_sigmas_type"],
+            "euler-ancestral": [],
             "dpm++2m": ["solver_order", "algorithm_type", "solver_type",
                         "lower_order_final", "euler_at_final", "use_karras_sigmas",
                         "final_sigmas_type", "lambda_min_clipped"],
@@ -384,6 +417,7 @@ def _validate(c: SchedulerConfig) -> None:
 # --------------------------------------------------------------------------------------
 
 _f32 = np.float32
+_EULER_KINDS = ("euler", "euler-ancestral")
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -445,7 +479,7 @@ def _betas(c: SchedulerConfig) -> np.ndarray:
 def _alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
     """alpha_bar_t, float32, shape (num_train_timesteps,)."""
     ac = _cumprod_f32(_f32(1.0) - _betas(c))
-    if c.rescale_betas_zero_snr and c.kind in ("euler", "dpm++2m"):
+    if c.rescale_betas_zero_snr and c.kind in ("euler", "euler-ancestral", "dpm++2m"):
         ac[-1] = _f32(2.0 ** -24)  # as diffusers: keeps sigma finite at t = T-1
     return ac
 
@@ -522,8 +556,8 @@ class Schedule:
 
     Attributes:
       timesteps: (n,) the timesteps the model is called with, descending. int32 for
-        "ddim"/"ddpm"/"dpm++2m"; float32 for "euler" (diffusers' Euler timesteps are
-        fractional with linspace spacing or Karras sigmas).
+        "ddim"/"ddpm"/"dpm++2m"; float32 for "euler"/"euler-ancestral" (diffusers' Euler
+        timesteps are fractional with linspace spacing or Karras sigmas).
       sigmas: (n+1,) float32 noise level of the sample before each step, as
         sqrt((1 - alpha_bar)/alpha_bar) (the "VE" sigma); entry n is the level after the
         last step. Euler/DPM-Solver++ step on these; for DDIM/DDPM they are informative
@@ -535,7 +569,8 @@ class Schedule:
       coef: dict of (n,) or (n+1,) float32 per-step constants of the update (internal).
       kind, num_inference_steps, num_train_timesteps, prediction_type, clip_sample,
       clip_sample_range, solver_order: static copies of the config.
-      stochastic: static; whether :func:`step` adds noise (DDPM, DDIM with eta > 0).
+      stochastic: static; whether :func:`step` adds noise (DDPM, DDIM with eta > 0,
+        Euler ancestral).
     """
 
     timesteps: Array
@@ -586,9 +621,9 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule
                          f"got {num_inference_steps}")
     ac = _alphas_cumprod(c)
     build = {"ddim": _build_ddim, "ddpm": _build_ddpm, "euler": _build_euler,
-             "dpm++2m": _build_dpm}[c.kind]
+             "euler-ancestral": _build_euler_ancestral, "dpm++2m": _build_dpm}[c.kind]
     timesteps, sigmas, final_ac, init_sigma, coef = build(c, ac, n_req)
-    ts_dtype = np.float32 if c.kind == "euler" else np.int32
+    ts_dtype = np.float32 if c.kind in _EULER_KINDS else np.int32
     return Schedule(
         timesteps=jnp.asarray(np.asarray(timesteps).astype(ts_dtype)),
         sigmas=jnp.asarray(np.asarray(sigmas, np.float32)),
@@ -603,7 +638,7 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule
         clip_sample=bool(c.clip_sample) and c.kind in ("ddim", "ddpm"),
         clip_sample_range=float(c.clip_sample_range),
         solver_order=int(c.solver_order),
-        stochastic=c.kind == "ddpm" or (c.kind == "ddim" and c.eta > 0),
+        stochastic=c.kind in ("ddpm", "euler-ancestral") or (c.kind == "ddim" and c.eta > 0),
     )
 
 
@@ -694,6 +729,20 @@ def _build_euler(c, ac, n_req):
     return ts, sigmas, 1.0, init_sigma, coef
 
 
+def _build_euler_ancestral(c, ac, n_req):
+    # EulerAncestralDiscreteScheduler: Euler's timesteps/sigmas (no Karras option), and
+    # sigma_up / sigma_down of k-diffusion's get_ancestral_step (eta = 1), float32 in
+    # diffusers' operation order.
+    ts, sigmas, _, init_sigma, coef = _build_euler(
+        dataclasses.replace(c, kind="euler", use_karras_sigmas=False,
+                            final_sigmas_type="zero"), ac, n_req)
+    s_from, s_to = sigmas[:-1], sigmas[1:]
+    sigma_up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
+    sigma_down = np.sqrt(s_to * s_to - sigma_up * sigma_up)
+    coef = dict(coef, dt=sigma_down - s_from, sigma_up=sigma_up)
+    return ts, sigmas, 1.0, init_sigma, coef
+
+
 def _build_dpm(c, ac, n_req):
     T, n = c.num_train_timesteps, n_req
     # log-SNR clipping (diffusers: searchsorted on the flipped lambda_t).
@@ -770,14 +819,14 @@ def init_state(schedule: Schedule, sample: Array) -> SchedulerState:
 
 
 def scale_model_input(schedule: Schedule, sample: Array, i) -> Array:
-    """The model input at step ``i``: Euler divides by sqrt(sigma_i^2 + 1), the others
-    return ``sample`` unchanged.
+    """The model input at step ``i``: Euler (and Euler ancestral) divides by
+    sqrt(sigma_i^2 + 1), the others return ``sample`` unchanged.
 
     Args:
       sample: (B, ...) latents; i: step index (int or traced int32 scalar), 0 <= i < n.
     Returns: (B, ...) same dtype as ``sample``.
     """
-    if schedule.kind != "euler":
+    if schedule.kind not in _EULER_KINDS:
         return sample
     return (sample / schedule.coef["c_in"][i]).astype(sample.dtype)
 
@@ -840,7 +889,7 @@ def pred_x0(schedule: Schedule, model_output: Array, i, sample: Array) -> Array:
     sample = jnp.asarray(sample, jnp.float32)
     if schedule.kind in ("ddim", "ddpm"):
         return _clip(schedule, _alpha_x0_eps(schedule, model_output, i, sample, False)[0])
-    if schedule.kind == "euler":
+    if schedule.kind in _EULER_KINDS:
         return _euler_x0(schedule, model_output, i, sample)
     return _dpm_x0(schedule, model_output, i, sample)
 
@@ -866,8 +915,8 @@ def _variance_noise(schedule, sample, key, noise):
         return noise
     if key is None:
         raise ValueError(f"scheduler kind={schedule.kind!r} is stochastic "
-                         "(DDPM or DDIM with eta > 0): pass `key` (one per sample) or "
-                         "`noise`")
+                         "(DDPM, DDIM with eta > 0, Euler ancestral): pass `key` (one per "
+                         "sample) or `noise`")
     return _per_sample_normal(key, sample.shape)
 
 
@@ -886,7 +935,8 @@ def step(schedule: Schedule, state: SchedulerState, model_output: Array, i,
       i: step index, 0 <= i < n (python int or traced int32 scalar; steps must be taken
         in order i = k, k+1, ... for "dpm++2m", whose state carries the previous x0).
       sample: (B, ...) the current latents x_t (not scaled).
-      key: stochastic schedulers only (DDPM, DDIM with eta > 0; ignored otherwise):
+      key: stochastic schedulers only (DDPM, DDIM with eta > 0, Euler ancestral;
+        ignored otherwise):
         a batch of PRNG keys, typed ``(B,)`` or raw ``(B, 2)`` uint32; sample b's noise
         is drawn with ``key[b]`` alone. Fold the step index in before calling.
       noise: (B, ...) explicit standard-normal variance noise instead of ``key``
@@ -916,11 +966,13 @@ def step(schedule: Schedule, state: SchedulerState, model_output: Array, i,
         x0 = _clip(schedule, x0)
         prev = cf["x0_coeff"][i] * x0 + cf["sample_coeff"][i] * x
         prev = prev + cf["std"][i] * _variance_noise(schedule, x, key, noise)
-    elif kind == "euler":
+    elif kind in _EULER_KINDS:
         sigma = schedule.sigmas[i]
         x0 = _euler_x0(schedule, m, i, x)
         derivative = (x - x0) / sigma
-        prev = x + derivative * cf["dt"][i]
+        prev = x + derivative * cf["dt"][i]  # ancestral: dt = sigma_down - sigma
+        if kind == "euler-ancestral":
+            prev = prev + _variance_noise(schedule, x, key, noise) * cf["sigma_up"][i]
     else:  # dpm++2m
         x0 = _dpm_x0(schedule, m, i, x)
         first = cf["ratio"][i] * x - cf["b"][i] * x0
@@ -968,7 +1020,7 @@ def add_noise(schedule_or_config: Schedule | SchedulerConfig, original: Array,
     want = jnp.where(count > 1, 2, 1)
     idx = jnp.argmax(jnp.cumsum(matches, -1) == want[:, None], axis=-1)
     idx = jnp.where(count == 0, s.num_inference_steps - 1, idx)
-    if s.kind == "euler":
+    if s.kind in _EULER_KINDS:
         return x + z * s.sigmas[idx][expand]
     return s.coef["alpha"][idx][expand] * x + s.coef["sigma_vp"][idx][expand] * z
 

@@ -81,6 +81,13 @@ def _assert_close(ref, got, what: str, scale: float = 1.0) -> float:
 
 _step_jit = jax.jit(S.step)
 
+# The diffusers modules whose step() draws its noise with randn_tensor: the tests replace
+# it by the noise jattn gets through ``noise=`` (how randomness is matched).
+_RANDN_MODULE = {
+    "ddpm": diffusers.schedulers.scheduling_ddpm,
+    "euler-ancestral": diffusers.schedulers.scheduling_euler_ancestral_discrete,
+}
+
 
 def _step_parity(cfg: S.SchedulerConfig, n: int, monkeypatch, seed: int = 0) -> float:
     """Runs diffusers and jattn side by side on random samples/model outputs (and the same
@@ -117,8 +124,8 @@ def _step_parity(cfg: S.SchedulerConfig, n: int, monkeypatch, seed: int = 0) -> 
             kwargs["eta"] = cfg.eta
             if cfg.eta > 0:
                 kwargs["variance_noise"] = torch.from_numpy(z)
-        if cfg.kind == "ddpm":  # DDPMScheduler.step draws its noise with randn_tensor
-            monkeypatch.setattr(diffusers.schedulers.scheduling_ddpm, "randn_tensor",
+        if cfg.kind in _RANDN_MODULE:  # these steps draw their noise with randn_tensor
+            monkeypatch.setattr(_RANDN_MODULE[cfg.kind], "randn_tensor",
                                 lambda *a, **k: torch.from_numpy(z))
         out = ref.step(torch.from_numpy(m), t, x_t, **kwargs)
         noise = jnp.asarray(z) if sch.stochastic else None
@@ -184,8 +191,9 @@ def test_timesteps_and_sigmas_equal_diffusers(kind):
                 np.testing.assert_array_equal(ref.timesteps.numpy(),
                                               np.asarray(sch.timesteps),
                                               err_msg=f"{spacing} offset={offset} n={n}")
-                assert sch.timesteps.dtype == (jnp.float32 if kind == "euler" else jnp.int32)
-                if kind in ("euler", "dpm++2m"):
+                assert sch.timesteps.dtype == (jnp.float32 if kind.startswith("euler")
+                                               else jnp.int32)
+                if kind in ("euler", "euler-ancestral", "dpm++2m"):
                     _assert_close(ref.sigmas.numpy(), sch.sigmas, f"{spacing} n={n} sigmas")
 
 
@@ -284,7 +292,8 @@ def test_step_parity_variants(changes, monkeypatch):
     SD.replace(kind="ddpm"),
     SD.replace(kind="euler", prediction_type="v_prediction"),
     SD.replace(kind="dpm++2m"),
-], ids=["ddim", "ddim-eta1", "ddpm", "euler-v", "dpm++2m"])
+    SD.replace(kind="euler-ancestral", timestep_spacing="leading"),
+], ids=["ddim", "ddim-eta1", "ddpm", "euler-v", "dpm++2m", "euler-ancestral"])
 def test_scan_loop_matches_diffusers(cfg, monkeypatch):
     """The full sampling loop as one ``jax.lax.scan`` under ``jit`` (traced step index,
     DPM-Solver++'s state in the carry) ends where diffusers' Python loop ends, with the
@@ -301,8 +310,8 @@ def test_scan_loop_matches_diffusers(cfg, monkeypatch):
     x_t = torch.from_numpy(x)
     for i, t in enumerate(ref.timesteps):
         ref.scale_model_input(x_t, t)
-        if cfg.kind == "ddpm":
-            monkeypatch.setattr(diffusers.schedulers.scheduling_ddpm, "randn_tensor",
+        if cfg.kind in _RANDN_MODULE:
+            monkeypatch.setattr(_RANDN_MODULE[cfg.kind], "randn_tensor",
                                 lambda *a, z=noises[i], **k: torch.from_numpy(z))
         kwargs = {}
         if cfg.kind == "ddim":
@@ -536,3 +545,119 @@ def test_from_diffusers_rejects_unknown_and_unsupported():
     assert math.isinf(S.SchedulerConfig.from_diffusers(
         {"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": None}
     ).lambda_min_clipped)
+
+
+# ---------------------------------------------------------------------------------------
+# SDXL's schedulers: Euler ancestral, Karras sigmas, scheduler names (issue 16).
+# ---------------------------------------------------------------------------------------
+
+# SDXL base 1.0's scheduler/scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_JSON = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+@pytest.mark.parametrize("changes", [
+    dict(timestep_spacing="leading", steps_offset=1),       # SDXL base's spacing
+    dict(timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+         timestep_spacing="trailing"),
+], ids=["sdxl-leading", "trailing-v", "zero-snr-v"])
+def test_step_parity_euler_ancestral(changes, monkeypatch):
+    """Euler ancestral matches diffusers' EulerAncestralDiscreteScheduler step for step
+    (prev_sample, pred_original_sample, model input) when both get the same noise: the
+    test replaces diffusers' ``randn_tensor`` by the array jattn receives as ``noise=``.
+    (The SD-config spacings/offsets/10-50 steps run in test_step_parity_sd_config.) If
+    this fails, sigma_up/sigma_down or the noise scale differ from the reference."""
+    cfg = SD.replace(kind="euler-ancestral", **changes)
+    worst = max(_step_parity(cfg, n, monkeypatch) for n in (10, 30))
+    print(f"euler-ancestral {changes}: worst relative error {worst:.3g}")
+
+
+def test_euler_ancestral_keys_per_sample_and_noise_scale():
+    """With per-sample keys, sample 1's step is the same alone or in a batch of 3; the
+    added noise is exactly sigma_up * N(0, 1) drawn from key[b]; the last step (sigma
+    -> 0) adds none. If this fails, Euler ancestral images change with the batch or get
+    the wrong amount of fresh noise."""
+    sch = S.make_schedule(SD.replace(kind="euler-ancestral"), 10)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 4, 8, 8)) * 5, jnp.float32)
+    m = jnp.asarray(rng.standard_normal((3, 4, 8, 8)), jnp.float32)
+    keys = jax.random.split(jax.random.key(3), 3)
+    step = jax.jit(lambda x, m, key, noise, i: S.step(sch, S.init_state(sch, x), m, i, x,
+                                                       key=key, noise=noise)[0])
+    full = np.asarray(step(x, m, keys, None, 2))
+    np.testing.assert_array_equal(full[1:2], np.asarray(step(x[1:2], m[1:2], keys[1:2],
+                                                             None, 2)))
+    z = jax.vmap(lambda k: jax.random.normal(k, (4, 8, 8)))(keys)
+    np.testing.assert_allclose(full, np.asarray(step(x, m, None, z, 2)), rtol=1e-6, atol=1e-6)
+    added = full - np.asarray(step(x, m, None, jnp.zeros_like(x), 2))
+    np.testing.assert_allclose(added, float(sch.coef["sigma_up"][2]) * np.asarray(z),
+                               rtol=1e-5, atol=1e-6)
+    last = sch.num_inference_steps - 1
+    assert float(sch.coef["sigma_up"][last]) == 0.0
+    with pytest.raises(ValueError, match="Euler ancestral"):
+        S.step(sch, S.init_state(sch, x), m, 0, x)
+
+
+@pytest.mark.parametrize("name", ["euler-karras", "dpm++2m-karras"])
+def test_karras_sdxl_config_parity(name, monkeypatch):
+    """The "-karras" names switch SDXL base's Euler config to Karras sigmas (Euler / DPM-
+    Solver++ 2M), which then match diffusers' class with ``use_karras_sigmas=True`` built
+    from the same config, step for step (SDXL's leading spacing, offset 1, 10 and 30
+    steps). If this fails, "DPM++ 2M Karras" / "Euler Karras" on SDXL sample differently
+    from diffusers."""
+    cfg = S.SchedulerConfig.from_diffusers(SDXL_JSON).replace(kind=name)
+    assert cfg.use_karras_sigmas and cfg.kind == name.split("-karras")[0]
+    cls = getattr(diffusers, cfg.to_diffusers()["_class_name"])
+    ref = cls.from_config(dict(SDXL_JSON), use_karras_sigmas=True)
+    ref.set_timesteps(30)
+    np.testing.assert_allclose(np.asarray(S.make_schedule(cfg, 30).sigmas),
+                               ref.sigmas.numpy(), rtol=1e-6)
+    for n in (10, 30):
+        _step_parity(cfg, n, monkeypatch)
+
+
+def test_scheduler_names():
+    """Every name of SCHEDULER_NAMES is accepted by ``replace(kind=name)`` and by the
+    pipeline and CLI tables; presets set their options, plain kinds keep the config's,
+    explicit changes win, unknown names raise naming the choices. If this fails,
+    ``--scheduler euler-ancestral`` / ``dpm++2m-karras`` is refused or picks another
+    scheduler."""
+    from jattn import pipeline
+
+    assert set(S.SCHEDULER_NAMES) >= set(S.KINDS)
+    from jattn.commands import common
+
+    assert tuple(pipeline.SCHEDULERS) == tuple(S.SCHEDULER_NAMES)
+    assert tuple(common.SCHEDULERS) == tuple(S.SCHEDULER_NAMES)  # the CLI's --scheduler
+    for name, changes in S.SCHEDULER_NAMES.items():
+        cfg = SD.replace(kind=name)
+        assert all(getattr(cfg, k) == v for k, v in changes.items()), name
+        S.make_schedule(cfg, 5)
+    karras = SD.replace(kind="dpm++2m-karras")
+    assert karras.replace(kind="euler").use_karras_sigmas  # the checkpoint's option kept
+    assert not SD.replace(kind="euler-karras", use_karras_sigmas=False).use_karras_sigmas
+    assert SD.replace(kind="euler-ancestral").to_diffusers()["_class_name"] == \
+        "EulerAncestralDiscreteScheduler"
+    with pytest.raises(ValueError, match="kind"):
+        SD.replace(kind="heun")
+    back = S.SchedulerConfig.from_diffusers(
+        dict(diffusers.EulerAncestralDiscreteScheduler.from_config(SDXL_JSON).config,
+             _class_name="EulerAncestralDiscreteScheduler"))
+    assert back.kind == "euler-ancestral" and back.timestep_spacing == "leading"

@@ -30,7 +30,7 @@ from jattn.sampling import schedulers as sch
 
 __all__ = ["Pipeline", "GenerateOutput", "load", "bundled_model_path", "DTYPES"]
 
-SCHEDULERS = ("ddim", "ddpm", "euler", "dpm++2m")
+SCHEDULERS = tuple(sch.SCHEDULER_NAMES)  # kinds + presets ("euler-ancestral", "dpm++2m-karras")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 

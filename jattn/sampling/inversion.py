@@ -63,13 +63,28 @@ class Inversion:
         return self.latents[-1].transpose(0, 3, 1, 2)
 
 
-def ddim_inversion_loop(unet_fn, schedule: sch.Schedule, z0: Array, cond: Array) -> Array:
-    """``z*_0 … z*_T`` ``(T+1, B, h, w, C)`` by DDIM inversion with the conditional eps."""
+def ddim_inversion_loop(unet_fn, schedule: sch.Schedule, z0: Array, cond: Array,
+                        uncond: Array | None = None, guidance_scale: Array | float = 1.0
+                        ) -> Array:
+    """``z*_0 … z*_T`` ``(T+1, B, h, w, C)`` by DDIM inversion.
+
+    With ``uncond`` None the model output is the conditional eps (null-text inversion's
+    ``ddim_loop``); with ``uncond`` ``(B, S, D)`` it is the CFG output
+    ``e_u + s (e_c − e_u)`` at ``guidance_scale`` s (StyleAligned's inversion of a
+    reference image, google/style-aligned ``inversion.py`` ``_ddim_loop``, CFG 2 in
+    ``style_aligned_transfer_sdxl.ipynb``).
+    """
     n = schedule.timesteps.shape[0]
+    from jattn.sampling.sampler import guided_eps
 
     def body(z, i):
         t = schedule.timesteps[i]
-        eps, _ = unet_fn(z, jnp.broadcast_to(t, (z.shape[0],)), cond, None, None)
+        if uncond is None:
+            eps, _ = unet_fn(z, jnp.broadcast_to(t, (z.shape[0],)), cond, None, None)
+        else:
+            eps, _ = guided_eps(unet_fn, z, t, cond, uncond, jnp.asarray(guidance_scale,
+                                                                         jnp.float32),
+                                jnp.float32(0.0), None, None)
         z = sch.ddim_inversion_step(schedule, eps.astype(jnp.float32), i, z)
         return z, z
 
@@ -132,7 +147,7 @@ def null_text_loop(unet_fn, schedule: sch.Schedule, latents: Array, cond: Array,
 
 def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "null-text",
            num_inference_steps: int = 50, guidance_scale: float = 7.5, inner_steps: int = 10,
-           epsilon: float = 1e-5) -> Inversion:
+           epsilon: float = 1e-5, inversion_guidance: float = 1.0) -> Inversion:
     """Invert real images for editing.
 
     Args:
@@ -141,6 +156,10 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
         editing).
       prompt: one source prompt per image (a str for all).
       method: ``"null-text"`` or ``"ddim"``.
+      guidance_scale: the CFG scale the edit will run at (null-text optimises for it).
+      inversion_guidance: CFG scale of the DDIM inversion itself (1: the conditional eps
+        only, null-text inversion's reference; StyleAligned inverts a reference image at
+        2 with the empty prompt as the unconditional one). Only with ``method="ddim"``.
     Returns:
       :class:`Inversion`.
     Raises:
@@ -155,17 +174,24 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
     prompts = prompts * images.shape[0] if isinstance(prompt, str) else prompts
     if len(prompts) != images.shape[0]:
         raise ValueError(f"prompt: {len(prompts)} prompts for {images.shape[0]} images")
+    ig = checks.finite_number(inversion_guidance, "inversion_guidance")
+    if ig < 1.0 or (ig != 1.0 and method != "ddim"):
+        raise ValueError(f"inversion_guidance={inversion_guidance!r}: must be ≥ 1, and other "
+                         "than 1 only with method='ddim' (null-text inverts with the "
+                         "conditional prediction)")
     schedule = pipe.schedule(num_inference_steps, "ddim", 0.0)
     z0 = pipe.encode_images(images)
     cond = pipe.encode_prompts(prompts)
-    key = ("ddim_invert", num_inference_steps)
+    cfg = ig != 1.0
+    key = ("ddim_invert", num_inference_steps, cfg)
     if key not in pipe._cache:
-        def run(params, schedule, z0, cond):
+        def run(params, schedule, z0, cond, uncond, gs):
             pipe._count("ddim_invert")
-            return ddim_inversion_loop(pipe.unet_fn(params), schedule, z0, cond)
+            return ddim_inversion_loop(pipe.unet_fn(params), schedule, z0, cond, uncond, gs)
 
         pipe._cache[key] = jax.jit(run)
-    lats = pipe._cache[key](pipe.params["unet"], schedule, z0, cond)
+    un = pipe.encode_prompts([""] * len(prompts)) if cfg else None
+    lats = pipe._cache[key](pipe.params["unet"], schedule, z0, cond, un, jnp.float32(ig))
     if method == "ddim":
         return Inversion(np.asarray(lats), None, prompts, num_inference_steps, guidance_scale)
     uncond = pipe.encode_prompts([""] * len(prompts))

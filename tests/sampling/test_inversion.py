@@ -75,3 +75,30 @@ def test_bad_inputs(setup):
         invert(pipe, img[None], "a photo", method="edit-friendly")
     with pytest.raises(ValueError, match="prompt"):
         invert(pipe, np.stack([img, img]), ["a", "b", "c"])
+
+
+def test_ddim_inversion_with_cfg(setup):
+    """``inversion_guidance`` (StyleAligned's CFG-2 inversion): each step's model output is
+    the CFG combination with the empty prompt, restated here step by step in Python."""
+    import jax.numpy as jnp
+
+    from jattn.sampling import schedulers as sch
+
+    pipe, img = setup
+    steps, g = 3, 2.0
+    inv = invert(pipe, img[None], "a photo", method="ddim", num_inference_steps=steps,
+                 inversion_guidance=g)
+    plain = invert(pipe, img[None], "a photo", method="ddim", num_inference_steps=steps)
+    schedule = pipe.schedule(steps, "ddim", 0.0)
+    fn = pipe.unet_fn(pipe.params["unet"])
+    c, u = pipe.encode_prompts(["a photo"]), pipe.encode_prompts([""])
+    z = jnp.asarray(inv.latents[0])
+    for i in range(steps - 1, -1, -1):
+        t = jnp.broadcast_to(schedule.timesteps[i], (1,))
+        e_c, _ = fn(z, t, c, None, None)
+        e_u, _ = fn(z, t, u, None, None)
+        z = sch.ddim_inversion_step(schedule, e_u + g * (e_c - e_u), i, z)
+        np.testing.assert_allclose(inv.latents[steps - i], np.asarray(z), atol=1e-5, rtol=1e-5)
+    assert np.abs(inv.latents[-1] - plain.latents[-1]).max() > 1e-3
+    with pytest.raises(ValueError, match="inversion_guidance"):
+        invert(pipe, img[None], "a photo", num_inference_steps=steps, inversion_guidance=2.0)

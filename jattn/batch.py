@@ -329,6 +329,7 @@ class BatchSettings:
 
     out_dir: str
     batch_size: int = 4          # requests (groups) per device per compiled call
+    micro_batch: int = 1         # requests (groups) per kernel call: the compiled shapes
     shard_size: int = 256        # requests per shard
     steps: int = 50
     guidance_scale: float = 7.5
@@ -423,7 +424,7 @@ def _job_fingerprint(requests: list[Request], s: BatchSettings, num_processes: i
         h.update(json.dumps(r.raw, sort_keys=True).encode())
         h.update(b"\n")
     return {"requests_sha256": h.hexdigest(), "requests": len(requests),
-            "batch_size": s.batch_size, "shard_size": s.shard_size, "steps": s.steps,
+            "micro_batch": s.micro_batch, "shard_size": s.shard_size, "steps": s.steps,
             "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
             "model": s.model, "dtype": s.dtype, "num_processes": num_processes}
 
@@ -489,12 +490,12 @@ def _global_mesh(num_devices: int | None):
     return jax.sharding.Mesh(np.array([d for ds in per for d in ds[:n]]), ("data",)), n
 
 
-_GLOBAL_CACHE: dict = {}
+_PROGRAMS: dict = {}
 
 
 def _replicate(tree, mesh):
     """Every array leaf of ``tree`` as a global replicated array (same value on every
-    process: the params, the schedule, the policy built from the global batch)."""
+    process: the params, the schedule, the guidance scale)."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -508,103 +509,138 @@ def _replicate(tree, mesh):
     return jax.tree_util.tree_map(put, tree)
 
 
-def _call_inputs(pipe, res: dict, policy_reqs: list[Request], rows: list[Request]):
-    """What one compiled call needs: text embeddings, schedule, policy and initial latents.
-
-    ``policy_reqs``: every group of the call (the p2p policy is built over all of them);
-    ``rows``: the requests whose rows this process supplies (embeddings, latents, keys).
-    Returns ``(do_cfg, cond, uncond, schedule, policy, x, keys)`` with ``x`` already scaled
-    by the scheduler's ``init_noise_sigma``. As :func:`jattn.methods.p2p.edit` (seed s):
-    p2p group latents from numpy's ``default_rng(s)``, member i keyed by ``s + i``.
-    """
-    import jax.numpy as jnp
-
+def _micro_inputs(pipe, res: dict, micro: list[Request]) -> dict:
+    """Host inputs of one micro-batch (``len(micro)`` requests of one bucket, R rows =
+    requests × members): ``cond``/``uncond`` ``(R, 77, D)`` float32 (each micro-batch's text
+    is encoded alone: fixed shapes), ``keys`` ``(R, 2)`` uint32 key data, ``noise``
+    ``(R, h, w, C)`` (p2p: numpy's ``default_rng(seed)`` per group, as
+    :func:`jattn.methods.p2p.edit`; plain requests draw theirs from the key inside the
+    program) and ``policy`` (p2p: the policy of the micro-batch's groups)."""
     from jattn.sampling import sampler as sampler_lib
 
     steps, height, width = res["steps"], res["height"], res["width"]
-    f = pipe.vae_scale_factor
-    h, w, c = height // f, width // f, pipe.unet_config.in_channels
-    g, m = len(policy_reqs), rows[0].members
-    prompts = [p for r in rows for p in r.prompts()]
-    negs = [r.negative_prompt for r in rows for _ in range(m)]
-    do_cfg = res["guidance_scale"] > 1.0
-    cond = pipe.encode_prompts(prompts)
-    uncond = pipe.encode_prompts(negs, name="negative_prompt") if do_cfg else cond
-    schedule = pipe.schedule(steps, res["scheduler"])
-    policy = None
-    if rows[0].method == "p2p":
+    m = micro[0].members
+    prompts = [p for r in micro for p in r.prompts()]
+    negs = [r.negative_prompt for r in micro for _ in range(m)]
+    cond = np.asarray(pipe.encode_prompts(prompts))
+    uncond = np.asarray(pipe.encode_prompts(negs, name="negative_prompt")) \
+        if res["guidance_scale"] > 1.0 else cond
+    out = dict(cond=cond, uncond=uncond)
+    if micro[0].method == "p2p":
+        import jax
+
         from jattn.methods.p2p import p2p_policy
 
-        a = dict(rows[0].args)
+        f = pipe.vae_scale_factor
+        h, w, c = height // f, width // f, pipe.unet_config.in_channels
+        a = dict(micro[0].args)
         a.pop("targets")
         for k in ("cross_replace_steps", "self_replace_steps"):
             if isinstance(a.get(k), list):
                 a[k] = tuple(a[k])
-        policy = p2p_policy(pipe, [r.prompt for r in policy_reqs] if g > 1
-                            else policy_reqs[0].prompt,
-                            [list(r.args["targets"]) for r in policy_reqs] if g > 1
-                            else list(policy_reqs[0].args["targets"]),
+        g = len(micro)
+        policy = p2p_policy(pipe, [r.prompt for r in micro] if g > 1 else micro[0].prompt,
+                            [list(r.args["targets"]) for r in micro] if g > 1
+                            else list(micro[0].args["targets"]),
                             num_steps=steps, height=height, width=width, **a)
+        out["policy"] = jax.tree_util.tree_map(np.asarray, policy)
         lat = np.stack([np.random.default_rng(r.seed).standard_normal((c, h, w))
-                        for r in rows]).astype(np.float32)
-        x = jnp.asarray(np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1))
-        seeds = [r.seed + i for r in rows for i in range(m)]
-        keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
+                        for r in micro]).astype(np.float32)
+        out["noise"] = np.repeat(lat, m, axis=0).transpose(0, 2, 3, 1)
+        seeds = [r.seed + i for r in micro for i in range(m)]
     else:
-        keys = sampler_lib.per_sample_keys(np.asarray([r.seed for r in rows], np.uint32))
-        x = sampler_lib.initial_noise(keys, (h, w, c))
-    return do_cfg, cond, uncond, schedule, policy, x * schedule.init_noise_sigma, keys
-
-
-def _sample_global(pipe, mesh, local: list[Request], global_reqs: list[Request], res: dict):
-    """One call of the cross-process program: ``global_reqs`` (process-major, each
-    process's rows padded to the same count) sharded over the global mesh; this process
-    supplies only its own rows (``local``) through ``jax.make_array_from_process_local_data``
-    and gets back only its own images: uint8 ``(len(local), M, H, W, 3)``."""
+        seeds = [r.seed for r in micro]
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    gs_value, m = res["guidance_scale"], local[0].members
-    do_cfg, cond, uncond, schedule, policy, x, keys = _call_inputs(pipe, res, global_reqs,
-                                                                   local)
-    x, cond, uncond = np.asarray(x), np.asarray(cond), np.asarray(uncond)
-    rows = NamedSharding(mesh, P("data"))
-    glob = lambda a: jax.make_array_from_process_local_data(rows, a)  # noqa: E731
-    x, cond, uncond = glob(x), glob(cond), glob(uncond)
-    keys = jax.random.wrap_key_data(glob(np.asarray(jax.random.key_data(keys))))
-    ck = ("params", id(mesh))
-    if ck not in _GLOBAL_CACHE:
-        _GLOBAL_CACHE[ck] = (_replicate(pipe.params["unet"], mesh),
-                             _replicate(pipe.params["vae"], mesh))
-    unet_p, vae_p = _GLOBAL_CACHE[ck]
-    fn = pipe._sample_fn(do_cfg, None)
-    final, _ = fn(unet_p, _replicate(schedule, mesh), x, cond, uncond,
-                  _replicate(np.float32(gs_value), mesh), keys, _replicate(policy, mesh),
-                  None, None, _replicate(np.float32(0.0), mesh), None)
-    out = pipe._decode_fn()(vae_p, final)
-    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
-    images = np.concatenate([np.asarray(s.data) for s in shards])
-    return images.reshape((len(local), m) + images.shape[1:])
+    out["keys"] = np.asarray(jax.random.key_data(
+        sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))))
+    return out
 
 
-def _sample_group_batch(pipe, mesh, reqs: list[Request], res: dict):
-    """Generate the images of ``reqs`` (one bucket; len divisible by the mesh size):
-    uint8 ``(G, M, H, W, 3)``. The same program as ``Pipeline.generate`` (jattn's
-    sampler, CFG, decode) with the batch rows sharded over ``mesh``."""
+def _call_arrays(pipe, res: dict, rows: list[Request], micro_batch: int) -> dict:
+    """The inputs of this process's rows of one call, stacked per micro-batch: every leaf
+    gets a leading axis of ``len(rows) / micro_batch`` micro-batches (host numpy)."""
+    import jax
+
+    parts = [_micro_inputs(pipe, res, rows[i:i + micro_batch])
+             for i in range(0, len(rows), micro_batch)]
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *parts)
+
+
+def _program(pipe, mesh, res: dict, p2p: bool):
+    """The compiled program of one bucket's calls: ``(unet_params, vae_params, schedule,
+    gs, items) -> uint8 images (K, R, H, W, 3)``; ``items`` stacked per micro-batch (K of
+    them, sharded over the mesh's ``"data"`` axis). Each device runs the whole sampler and
+    the decode over its micro-batches one after the other (``jax.lax.map`` inside
+    ``jax.shard_map``), so every kernel sees the shapes of one micro-batch whatever
+    ``--batch-size`` or the number of devices and processes: a request's images depend on
+    the request (and the micro-batch size) only."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from jattn.sampling import sampler as sampler_lib
+
+    do_cfg = res["guidance_scale"] > 1.0
+    f = pipe.vae_scale_factor
+    hwc = (res["height"] // f, res["width"] // f, pipe.unet_config.in_channels)
+    key = (id(pipe), id(mesh), do_cfg, p2p, hwc)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    run = pipe.sampler_program(do_cfg)
+    decode = pipe.decoder_program()
+
+    def one(unet_p, vae_p, schedule, gs, item):
+        keys = jax.random.wrap_key_data(item["keys"])
+        x = item["noise"] if p2p else sampler_lib.initial_noise(keys, hwc)
+        final, _ = run(unet_p, schedule, x * schedule.init_noise_sigma, item["cond"],
+                       item["uncond"], gs, keys, item.get("policy"), None, None,
+                       jnp.float32(0.0), None)
+        return decode(vae_p, final)
+
+    def per_device(unet_p, vae_p, schedule, gs, items):
+        return jax.lax.map(lambda it: one(unet_p, vae_p, schedule, gs, it), items)
+
+    fn = jax.jit(jax.shard_map(per_device, mesh=mesh,
+                               in_specs=(P(), P(), P(), P(), P("data")),
+                               out_specs=P("data")))
+    _PROGRAMS[key] = fn
+    return fn
+
+
+def _sample_call(pipe, mesh, rows: list[Request], res: dict, micro_batch: int,
+                 multiprocess: bool):
+    """One call: this process's ``rows`` (one bucket; ``len(rows)`` = batch size × this
+    process's devices) → uint8 images ``(len(rows), M, H, W, 3)``. Several processes
+    (``multiprocess``): one program over the global mesh in lock step; each process supplies
+    only its own rows (``jax.make_array_from_process_local_data``) and reads back only its
+    own images (the output's addressable shards): no all-gather of images."""
+    import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    gs_value, g, m = res["guidance_scale"], len(reqs), reqs[0].members
-    do_cfg, cond, uncond, schedule, policy, x, keys = _call_inputs(pipe, res, reqs, reqs)
-    rows = NamedSharding(mesh, P("data"))
-    x, cond, uncond, keys = (jax.device_put(v, rows) for v in (x, cond, uncond, keys))
-    fn = pipe._sample_fn(do_cfg, None)
-    final, _ = fn(pipe._replicated(mesh), schedule, x, cond, uncond,
-                  jnp.asarray(gs_value, jnp.float32), keys, policy, None, None,
-                  jnp.asarray(0.0, jnp.float32), None)
-    images = np.asarray(pipe._decode_fn()(pipe.params["vae"], final))
-    return images.reshape((g, m) + images.shape[1:])
+    m = rows[0].members
+    items = _call_arrays(pipe, res, rows, micro_batch)
+    sharding = NamedSharding(mesh, P("data"))
+    if multiprocess:
+        items = jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(sharding, a), items)
+    else:
+        items = jax.device_put(items, sharding)
+    ck = ("params", id(pipe), id(mesh))
+    if ck not in _PROGRAMS:
+        _PROGRAMS[ck] = (_replicate(pipe.params["unet"], mesh),
+                         _replicate(pipe.params["vae"], mesh))
+    unet_p, vae_p = _PROGRAMS[ck]
+    schedule = _replicate(pipe.schedule(res["steps"], res["scheduler"]), mesh)
+    gs = _replicate(np.float32(res["guidance_scale"]), mesh)
+    out = _program(pipe, mesh, res, rows[0].method == "p2p")(unet_p, vae_p, schedule, gs,
+                                                              items)
+    if multiprocess:
+        shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+        images = np.concatenate([np.asarray(s.data) for s in shards])
+    else:
+        images = np.asarray(out)
+    return images.reshape((len(rows), m) + images.shape[2:])
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -846,6 +882,10 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
 
     log_stream = log_stream or sys.stderr
     t_start = time.time()
+    if settings.micro_batch < 1 or settings.batch_size % settings.micro_batch:
+        raise ValueError(f"--batch-size {settings.batch_size}: must be a multiple of "
+                         f"--micro-batch {settings.micro_batch} (micro-batches run one after "
+                         "the other on each device).")
     requests = read_job(job)                       # 1. the whole file, before any work
     proc, nproc = _distributed(coordinator, num_processes, process_id)
 
@@ -876,7 +916,7 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
     for r in requests:
         res = _resolved(r, settings, pipe)
         try:
-            pipe.check_size(res["height"], res["width"], settings.batch_size * r.members)
+            pipe.check_size(res["height"], res["width"], settings.micro_batch * r.members)
             pipe.tokenize(r.prompts(), name="prompt")
             if r.negative_prompt:
                 pipe.tokenize([r.negative_prompt], name="negative_prompt")
@@ -949,16 +989,16 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
             t0 = time.time()
             if whole is None:
                 padded = batch + [batch[-1]] * (per_call - n_real)   # outputs dropped
-                imgs = _sample_group_batch(pipe, mesh, padded, resolved[batch[0].id])
             else:
-                mine_rows = whole[proc * per_call:(proc + 1) * per_call]
-                imgs = _sample_global(pipe, mesh, mine_rows, whole, resolved[whole[0].id])
+                padded = whole[proc * per_call:(proc + 1) * per_call]
+            imgs = _sample_call(pipe, mesh, padded, resolved[padded[0].id],
+                                settings.micro_batch, whole is not None)
             dt = time.time() - t0
             for r, group in zip(batch, imgs[:n_real]):
                 meta = dict(settings=resolved[r.id], timings=dict(
                     batch_seconds=round(dt, 4),
                     seconds_per_image=round(dt / (per_call * r.members), 5)),
-                    batch_size=settings.batch_size)
+                    batch_size=settings.batch_size, micro_batch=settings.micro_batch)
                 writer.add(r, group, meta)
                 images_run += r.members
                 requests_run += 1

@@ -17,8 +17,13 @@ def register(sub, edit_sub=None) -> None:
     p.add_argument("--out-dir", required=True,
                    help="output folder: new/empty, or the folder of this same job (resume)")
     p.add_argument("--batch-size", type=int_type(1, 4096), default=4,
-                   help="requests (edit groups) per device per compiled call (default 4); "
-                        "keep it fixed across restarts of a job")
+                   help="requests (edit groups) per device per compiled call (default 4), "
+                        "a multiple of --micro-batch; may change between restarts of a job")
+    p.add_argument("--micro-batch", type=int_type(1, 4096), default=1,
+                   help="requests (edit groups) per kernel call: each device runs its "
+                        "--batch-size requests as micro-batches of this size one after the "
+                        "other (default 1). Images depend on it (fixed for a job); larger "
+                        "values use accelerators better")
     p.add_argument("--shard-size", type=int_type(1, 10**7), default=256,
                    help="requests per WebDataset shard (default 256)")
     p.add_argument("--steps", type=STEPS, default=50,
@@ -49,6 +54,7 @@ def cmd_batch(args) -> int:
     from jattn.batch import BatchSettings, run_job
 
     s = BatchSettings(out_dir=args.out_dir, batch_size=args.batch_size,
+                      micro_batch=args.micro_batch,
                       shard_size=args.shard_size, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       model=args.model, dtype=args.dtype, num_devices=args.num_devices,

@@ -313,6 +313,11 @@ def cmd_sites(args) -> int:
     for s in sites:
         print(s.describe())
     print(f"{len(sites)} attention sites")
+    if getattr(args, "features", False):
+        feats = pipe.feature_sites(args.height, args.width)
+        for s in feats:
+            print(s.describe())
+        print(f"{len(feats)} feature sites")
     return 0
 
 
@@ -396,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--height", type=SIZE, default=None)
     s.add_argument("--width", type=SIZE, default=None)
+    s.add_argument("--features", action="store_true",
+                   help="also list the feature sites (resnet outputs, GroupNorms, FreeU's "
+                   "backbone/skip inputs)")
     s.set_defaults(func=cmd_sites)
 
     import importlib

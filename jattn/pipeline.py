@@ -198,13 +198,27 @@ class Pipeline:
 
         return fn
 
-    def sites(self, height: int | None = None, width: int | None = None) -> list[AttentionSite]:
-        """Every attention site of the UNet in call order, for an image of ``height×width`` px."""
+    def sites(self, height: int | None = None, width: int | None = None, *,
+              features: bool = False) -> list:
+        """Every attention site of the UNet in call order, for an image of ``height×width`` px;
+        with ``features=True`` followed by every feature site (:meth:`feature_sites`), the
+        list to :func:`jattn.policy.core.resolve` rules of both seams against."""
         h = (height or self.default_size) // self.vae_scale_factor
         w = (width or self.default_size) // self.vae_scale_factor
         key = ("sites", h, w)
         if key not in self._cache:  # tracing the UNet shape-only costs ~0.5 s: do it once
             self._cache[key] = unet_lib.list_sites(self.unet_config, sample_size=(h, w))
+        out: list = list(self._cache[key])
+        return out + self.feature_sites(height, width) if features else out
+
+    def feature_sites(self, height: int | None = None, width: int | None = None) -> list:
+        """Every feature site of the UNet (:class:`jattn.models.features.FeatureSite`: resnet
+        outputs, GroupNorms, FreeU's backbone/skip inputs) in call order."""
+        h = (height or self.default_size) // self.vae_scale_factor
+        w = (width or self.default_size) // self.vae_scale_factor
+        key = ("feature_sites", h, w)
+        if key not in self._cache:
+            self._cache[key] = unet_lib.list_feature_sites(self.unet_config, sample_size=(h, w))
         return list(self._cache[key])
 
     def _replicated(self, mesh):

@@ -19,6 +19,21 @@ Each op (:class:`Op`) may act at four stages of an attention call:
 
 When no op at a site needs probabilities, the fused kernel runs (``jax.nn.dot_product_attention``).
 
+**Feature seam.** The UNet also calls ``policy.feature(site, x, step)`` at its feature sites
+(:class:`jattn.models.features.FeatureSite`: resnet outputs, GroupNorms, FreeU's
+backbone/skip inputs). Rules select them with the same :class:`Select` (feature kinds
+``"resnet"``, ``"group_norm"``, ``"backbone"``, ``"skip"``). An op acts there at three stages:
+
+5. ``norm_stats`` (GroupNorm sites only): the statistics ``(mean, var)`` to normalise with
+   (e.g. shared with a source member); the seam normalises and the GroupNorm applies its
+   affine;
+6. ``feature``: replace the value (inject a member's feature, FreeU scaling);
+7. ``record_feature``: what is captured (aux, aggregated like attention records).
+
+Which seam an op acts at is its class attribute ``seams`` (``("attention",)`` by default,
+``("feature",)`` for feature ops): a rule is matched only against the sites of its ops'
+seams, so ``Select("")`` with an attention op never touches a feature site.
+
 Batch layout: the UNet batch is ``[uncond; cond]`` halves (with CFG) of ``G × M`` rows
 each, ordered group-major (row ``g*M + m``). Ops refer to members by index within a group.
 """
@@ -36,11 +51,20 @@ from flax import struct
 
 from jattn.models.attention import (AttentionSite, apply_probs, attention_logits,
                                     default_attention)
+from jattn.models.features import (FEATURE_KINDS, FeatureSite, group_norm_stats,
+                                   group_normalize)
 
 Array = jax.Array
 
 __all__ = ["Layout", "SiteContext", "Op", "Select", "Policy", "resolve", "compose",
-           "in_window", "PolicyError"]
+           "in_window", "PolicyError", "ATTENTION_KINDS", "FEATURE_KINDS", "seam_of"]
+
+ATTENTION_KINDS = ("self", "cross")
+
+
+def seam_of(site) -> str:
+    """``"feature"`` for a :class:`FeatureSite`, else ``"attention"``."""
+    return "feature" if isinstance(site, FeatureSite) else "attention"
 
 
 class PolicyError(ValueError):
@@ -88,9 +112,10 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class SiteContext:
-    """What an op knows when it runs: the static site, the traced step, the layout."""
+    """What an op knows when it runs: the static site (an :class:`AttentionSite` or, at the
+    feature seam, a :class:`FeatureSite`), the traced step, the layout."""
 
-    site: AttentionSite
+    site: AttentionSite | FeatureSite
     step: Array | None
     layout: Layout
     upcast: bool = False
@@ -106,10 +131,13 @@ def in_window(step: Array | None, window: Array) -> Array:
 class Op:
     """Base class of policy operations. Subclasses are ``flax.struct.dataclass`` es.
 
-    Class attribute ``needs_probs``: the op needs materialised probabilities.
+    Class attributes: ``needs_probs``: the op needs materialised probabilities;
+    ``seams``: the seams it acts at, ``("attention",)`` (default) and/or ``("feature",)``
+    (rules are matched only against those sites).
     """
 
     needs_probs: bool = False
+    seams: tuple[str, ...] = ("attention",)
 
     def qkv(self, ctx: SiteContext, q: Array, k: Array, v: Array
             ) -> tuple[Array, Array, Array]:
@@ -122,6 +150,22 @@ class Op:
         return p
 
     def record(self, ctx: SiteContext, p_pre: Array | None, p_post: Array | None) -> dict:
+        return {}
+
+    # ---- feature seam (FeatureSite); x (B, h, w, C), B = halves × G × M rows
+    def norm_stats(self, ctx: SiteContext, x: Array) -> tuple[Array, Array] | None:
+        """GroupNorm sites only: ``(mean, var)`` float32 ``(B, 1, G, 1)`` to normalise the
+        norm's input ``x`` with (:func:`jattn.models.features.group_norm_stats`), or None
+        (own statistics)."""
+        return None
+
+    def feature(self, ctx: SiteContext, x: Array) -> Array:
+        """The site's value, edited (GroupNorm sites: the normalised, pre-affine value)."""
+        return x
+
+    def record_feature(self, ctx: SiteContext, x_pre: Array, x_post: Array) -> dict:
+        """What to record at a feature site: ``x_pre`` before, ``x_post`` after the site's
+        edits; aggregated by :meth:`aux_init`/:meth:`aux_update` like :meth:`record`."""
         return {}
 
     # in-graph aggregation of what record() returns, over the op's sites and the steps
@@ -149,19 +193,28 @@ class Select:
     Attributes:
       path: regular expression searched in the site's diffusers path (``re.search``);
         ``""`` matches every site.
-      kind: ``"self"``, ``"cross"`` or None (both).
-      resolutions: query resolutions ``((h, w), …)`` or None (all); an int r means (r, r).
+      kind: attention ``"self"``/``"cross"``, feature ``"resnet"``/``"group_norm"``/
+        ``"backbone"``/``"skip"``, a tuple of them, or None (every kind of the seam).
+      resolutions: query (feature) resolutions ``((h, w), …)`` or None (all); an int r
+        means (r, r).
       blocks: subset of ``("down", "mid", "up")`` or None.
     """
 
     path: str = ""
-    kind: str | None = None
+    kind: str | tuple[str, ...] | None = None
     resolutions: tuple | None = None
     blocks: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if self.kind not in (None, "self", "cross"):
-            raise PolicyError(f"Select.kind={self.kind!r}: use 'self', 'cross' or None")
+        if isinstance(self.kind, list):
+            object.__setattr__(self, "kind", tuple(self.kind))
+        if self.kind is not None:
+            allowed = ATTENTION_KINDS + FEATURE_KINDS
+            kinds = (self.kind,) if isinstance(self.kind, str) else self.kind
+            if (not isinstance(kinds, tuple) or not kinds
+                    or any(k not in allowed for k in kinds)):
+                raise PolicyError(f"Select.kind={self.kind!r}: use one of {allowed}, a tuple of "
+                                  "them, or None")
         if self.blocks is not None:
             bad = set(self.blocks) - {"down", "mid", "up"}
             if bad:
@@ -172,9 +225,11 @@ class Select:
         except re.error as e:
             raise PolicyError(f"Select.path={self.path!r} is not a regular expression: {e}") from e
 
-    def matches(self, site: AttentionSite) -> bool:
-        if self.kind is not None and site.kind != self.kind:
-            return False
+    def matches(self, site: AttentionSite | FeatureSite) -> bool:
+        if self.kind is not None:
+            kinds = (self.kind,) if isinstance(self.kind, str) else self.kind
+            if site.kind not in kinds:
+                return False
         if self.blocks is not None and site.block not in self.blocks:
             return False
         if self.resolutions is not None:
@@ -206,10 +261,12 @@ class Policy:
       ops: tuple of ops (their array fields are the dynamic leaves).
       table: static ``((site_path, (op_index, …)), …)``.
       layout: static batch layout.
-      sites: static tuple of every site of the model (for aggregation shapes).
+      sites: static tuple of every attention site of the model (for aggregation shapes).
       context_tokens: static S of cross-attention.
       record_post_edit: static; record the probabilities after edits (P2P's stored-map
         quirk) instead of before.
+      feature_sites: static tuple of the feature sites given to :func:`resolve` (empty
+        when only attention sites were given).
     """
 
     ops: tuple = ()
@@ -218,6 +275,7 @@ class Policy:
     sites: tuple = struct.field(pytree_node=False, default=())
     context_tokens: int = struct.field(pytree_node=False, default=77)
     record_post_edit: bool = struct.field(pytree_node=False, default=False)
+    feature_sites: tuple = struct.field(pytree_node=False, default=())
 
     def op_indices(self, path: str) -> tuple[int, ...]:
         for p, idx in self.table:
@@ -226,9 +284,9 @@ class Policy:
         return ()
 
     def sites_of(self, op_index: int) -> tuple[AttentionSite, ...]:
-        """The sites op ``op_index`` runs at (static)."""
+        """The sites op ``op_index`` runs at (static; attention sites, then feature sites)."""
         paths = {p for p, idx in self.table if op_index in idx}
-        return tuple(s for s in self.sites if s.path in paths)
+        return tuple(s for s in self.sites + self.feature_sites if s.path in paths)
 
     # ---------------------------------------------------------------- the seam
     def attend(self, site: AttentionSite, q: Array, k: Array, v: Array, step: Array | None,
@@ -264,6 +322,39 @@ class Policy:
         out = apply_probs(p.astype(v.dtype), v).astype(q.dtype)
         return out, aux
 
+    def feature(self, site: FeatureSite, x: Array, step: Array | None):
+        """The feature seam (:mod:`jattn.models.features`): None when no rule touches the
+        site (bit-identical to no policy), else ``(x_new, aux)``.
+
+        At a GroupNorm site ``x`` is the norm's input; the statistics are the last op's
+        :meth:`Op.norm_stats` (own statistics when none gives any), the value is normalised
+        with them and then edited by the ops' :meth:`Op.feature`; ``x_new`` is the
+        normalised, pre-affine value. Elsewhere the ops' :meth:`Op.feature` edit ``x`` in
+        order. Records see the value before and after the edits.
+        """
+        idx = self.op_indices(site.path)
+        if not idx:
+            return None
+        ops = [self.ops[i] for i in idx]
+        ctx = SiteContext(site, step, self.layout)
+        if site.kind == "group_norm":
+            stats = None
+            for op in ops:
+                st = op.norm_stats(ctx, x)
+                if st is not None:
+                    stats = st
+            mean, var = stats if stats is not None else group_norm_stats(x, site.groups)
+            x = group_normalize(x, mean, var, site.groups, site.eps)
+        x_pre = x
+        for op in ops:
+            x = op.feature(ctx, x)
+        aux: dict = {}
+        for i, op in zip(idx, ops):
+            rec = op.record_feature(ctx, x_pre, x)
+            if rec:
+                aux[str(i)] = rec
+        return x, aux
+
     # ---------------------------------------------------------------- aggregation
     def aux_init(self, latents: Array | None = None) -> tuple:
         """Initial in-graph accumulators, one per op (``None`` for ops recording nothing)."""
@@ -286,54 +377,76 @@ class Policy:
         return dict(state, latents=x)
 
 
-def resolve(rules: Sequence[tuple[Any, Op | Sequence[Op]]], sites: Sequence[AttentionSite], *,
+def resolve(rules: Sequence[tuple[Any, Op | Sequence[Op]]],
+            sites: Sequence[AttentionSite | FeatureSite], *,
             layout: Layout = Layout(), context_tokens: int = 77,
             record_post_edit: bool = False) -> Policy:
     """Resolve ordered ``(selector, op or ops)`` rules against a model's sites.
 
-    The first rule whose selector matches a site gives that site its ops. Every selector
-    must match at least one site.
+    ``sites`` may hold attention sites (:class:`AttentionSite`), feature sites
+    (:class:`FeatureSite`) or both. A rule is matched only against the sites of the seams
+    its ops act at (:attr:`Op.seams`): attention ops against attention sites, feature ops
+    against feature sites. Per site, the first matching rule gives the site its ops. Every
+    selector must match at least one site.
 
     Args:
       rules: ``[(selector, op), …]``; selector is a path regex, a dict with keys
         path/kind/resolutions/blocks, or a :class:`Select`; op an :class:`Op` or a tuple of
         ops applied in order.
-      sites: from ``pipeline.sites()`` or ``jattn.models.unet.list_sites``.
+      sites: ``pipeline.sites()`` (attention), ``pipeline.sites(features=True)`` (both),
+        ``jattn.models.unet.list_sites`` / ``list_feature_sites``.
       layout: the batch layout the policy will run with.
     Raises:
-      PolicyError: a selector matching no site (names it and lists a few site paths).
+      PolicyError: a selector matching no site of its seam (names it, lists a few site
+        paths); a rule with feature ops when no feature sites were given (says how to get
+        them).
     """
+    sites = list(sites)
+    att_sites = tuple(s for s in sites if seam_of(s) == "attention")
+    feat_sites = tuple(s for s in sites if seam_of(s) == "feature")
     ops: list[Op] = []
     op_ids: list[tuple[int, ...]] = []
     selects = []
+    rule_seams = []
     for sel, op in rules:
         selects.append(_as_select(sel))
         group = tuple(op) if isinstance(op, (list, tuple)) else (op,)
         for o in group:
             if not isinstance(o, Op):
                 raise PolicyError(f"rule for {sel!r}: {o!r} is not a jattn policy Op")
+        rule_seams.append({seam for o in group for seam in o.seams})
         op_ids.append(tuple(range(len(ops), len(ops) + len(group))))
         ops.extend(group)
     used = [False] * len(selects)
     table = []
-    for site in sites:
+    for site in att_sites + feat_sites:
+        seam = seam_of(site)
         for r, sel in enumerate(selects):
-            if sel.matches(site):
+            if seam in rule_seams[r] and sel.matches(site):
                 used[r] = True
                 table.append((site.path, op_ids[r]))
                 break
     for r, ok in enumerate(used):
-        if not ok and _any_match(selects[r], sites):
+        if not ok and any(seam_of(s) in rule_seams[r] and selects[r].matches(s) for s in sites):
             used[r] = True  # matched, but an earlier rule took those sites
     for r, ok in enumerate(used):
-        if not ok:
-            examples = ", ".join(s.path for s in list(sites)[:3])
+        if ok:
+            continue
+        pool = [s for s in sites if seam_of(s) in rule_seams[r]]
+        what = " or ".join(f"{seam} site" for seam in sorted(rule_seams[r]))
+        if "feature" in rule_seams[r] and not feat_sites:
             raise PolicyError(
-                f"policy rule {r} selector {selects[r]} matches no attention site of this model "
-                f"({len(sites)} sites, e.g. {examples}). Fix: list the sites with `jattn sites` "
-                "and correct the pattern/kind/resolution.")
-    return Policy(ops=tuple(ops), table=tuple(table), layout=layout, sites=tuple(sites),
-                  context_tokens=context_tokens, record_post_edit=record_post_edit)
+                f"policy rule {r} selector {selects[r]} acts at feature sites, but no feature "
+                "sites were given. Fix: pass `pipe.sites(features=True)` (or add "
+                "`jattn.models.unet.list_feature_sites(config, sample_size)`) to resolve.")
+        examples = ", ".join(s.path for s in pool[:3])
+        raise PolicyError(
+            f"policy rule {r} selector {selects[r]} matches no {what} of this model "
+            f"({len(pool)} sites, e.g. {examples}). Fix: list the sites with `jattn sites` "
+            "(`--features` for feature sites) and correct the pattern/kind/resolution.")
+    return Policy(ops=tuple(ops), table=tuple(table), layout=layout, sites=att_sites,
+                  context_tokens=context_tokens, record_post_edit=record_post_edit,
+                  feature_sites=feat_sites)
 
 
 def _any_match(sel: Select, sites) -> bool:
@@ -341,23 +454,31 @@ def _any_match(sel: Select, sites) -> bool:
 
 
 def compose(*policies: Policy) -> Policy:
-    """Apply several policies in order at each site (their layouts must agree)."""
+    """Apply several policies in order at each site (their layouts must agree). The result
+    knows the union of their attention and feature sites."""
     policies = [p for p in policies if p is not None]
     if not policies:
         raise PolicyError("compose() needs at least one policy")
     first = policies[0]
     ops: list[Op] = []
     per_site: dict[str, list[int]] = {}
-    order: list[str] = [s.path for s in first.sites]
+    sites: dict[str, Any] = {}
+    feature_sites: dict[str, Any] = {}
     for pol in policies:
         if pol.layout != first.layout:
             raise PolicyError(f"cannot compose policies with layouts {first.layout} and "
                               f"{pol.layout}")
+        for s in pol.sites:
+            sites.setdefault(s.path, s)
+        for s in pol.feature_sites:
+            feature_sites.setdefault(s.path, s)
         base = len(ops)
         ops.extend(pol.ops)
         for path, idx in pol.table:
             per_site.setdefault(path, []).extend(base + i for i in idx)
+    order = list(sites) + list(feature_sites)
     table = tuple((p, tuple(per_site[p])) for p in order if p in per_site)
-    return Policy(ops=tuple(ops), table=table, layout=first.layout, sites=first.sites,
-                  context_tokens=first.context_tokens,
-                  record_post_edit=any(p.record_post_edit for p in policies))
+    return Policy(ops=tuple(ops), table=table, layout=first.layout,
+                  sites=tuple(sites.values()), context_tokens=first.context_tokens,
+                  record_post_edit=any(p.record_post_edit for p in policies),
+                  feature_sites=tuple(feature_sites.values()))

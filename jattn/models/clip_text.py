@@ -1,4 +1,4 @@
-"""CLIP text encoder (Flax linen), the prompt encoder of Stable Diffusion 1.x/2.x.
+"""CLIP text encoders (Flax linen), the prompt encoders of Stable Diffusion 1.x/2.x/XL.
 
 Architecture and parameter names follow transformers' ``CLIPTextModel`` so that checkpoints
 convert one to one: ``text_model/embeddings/token_embedding``,
@@ -6,7 +6,12 @@ convert one to one: ``text_model/embeddings/token_embedding``,
 ``text_model/final_layer_norm``. Pre-norm transformer with a causal mask; SD1.x uses
 ``quick_gelu`` (OpenAI CLIP ViT-L/14), SD2.x ``gelu`` (OpenCLIP ViT-H/14).
 
-Legend: B batch, S tokens, D hidden size, N heads, H head dim.
+:class:`CLIPTextModelWithProjection` (SDXL's ``text_encoder_2``, OpenCLIP ViT-bigG/14) adds
+transformers' ``text_projection`` (a bias-free linear map of the pooled end-of-text state to
+``projection_dim``, the pooled ``text_embeds``); its parameters are ``text_model/...`` as
+above plus ``text_projection/kernel``.
+
+Legend: B batch, S tokens, D hidden size, P projection_dim, N heads, H head dim.
 
 Reference: Radford et al., "Learning Transferable Visual Models From Natural Language
 Supervision" (2021); transformers ``models/clip/modeling_clip.py``.
@@ -27,11 +32,12 @@ from jattn.io.convert import params_to_state_dict, state_dict_to_params
 
 Array = jax.Array
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel", "convert_clip_text_state_dict",
-           "clip_text_state_dict", "init_clip_text_params"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection",
+           "convert_clip_text_state_dict", "clip_text_state_dict", "init_clip_text_params"]
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
 _PREFIX = "text_model."
+_PROJECTION = "text_projection."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,8 @@ class CLIPTextConfig:
       layer_norm_eps: LayerNorm epsilon.
       bos_token_id, eos_token_id, pad_token_id: special token ids. ``eos_token_id == 2`` is the
         legacy (pre transformers#24773) value; then the pooled token is the largest id.
+      projection_dim: P, the width of :class:`CLIPTextModelWithProjection`'s ``text_embeds``
+        (1280 for SDXL's ``text_encoder_2``); unused by :class:`CLIPTextModel`.
     """
 
     vocab_size: int = 49408
@@ -62,6 +70,7 @@ class CLIPTextConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 1
+    projection_dim: int = 512
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -83,8 +92,9 @@ class CLIPTextConfig:
     def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
         """Build from a transformers ``CLIPTextConfig`` dict (``text_encoder/config.json``).
 
-        Keys that do not change the text encoder's forward pass (``projection_dim``,
-        ``initializer_range``, ``transformers_version`` …) are ignored. ``hidden_size``,
+        Keys that do not change the text encoder's forward pass (``initializer_range``,
+        ``transformers_version`` …) are ignored; ``projection_dim`` is read (used by
+        :class:`CLIPTextModelWithProjection` only). ``hidden_size``,
         ``intermediate_size``, ``num_hidden_layers`` and ``num_attention_heads`` are
         required (transformers always writes them, and its defaults differ from SD's);
         other missing or null keys take the defaults. Every value is type-checked.
@@ -108,7 +118,7 @@ class CLIPTextConfig:
                                     "num_attention_heads"),
                         " (every transformers CLIPTextConfig file has them)")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings"):
+                    "num_attention_heads", "max_position_embeddings", "projection_dim"):
             if key in kwargs:
                 kwargs[key] = ck.config_int(o, key, kwargs[key], minimum=1)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -121,11 +131,13 @@ class CLIPTextConfig:
                                                        kwargs["layer_norm_eps"], positive=True)
         return cls(**kwargs)
 
-    def to_transformers(self) -> dict[str, Any]:
-        """The transformers ``config.json`` dict of this encoder (``CLIPTextModel``)."""
+    def to_transformers(self, with_projection: bool = False) -> dict[str, Any]:
+        """The transformers ``config.json`` dict of this encoder (``CLIPTextModel``, or
+        ``CLIPTextModelWithProjection`` when ``with_projection``)."""
         d = dataclasses.asdict(self)
-        d.update(architectures=["CLIPTextModel"], model_type="clip_text_model",
-                 attention_dropout=0.0, projection_dim=512)
+        d.update(architectures=["CLIPTextModelWithProjection" if with_projection
+                                else "CLIPTextModel"],
+                 model_type="clip_text_model", attention_dropout=0.0)
         return d
 
 
@@ -193,6 +205,13 @@ class _Embeddings(nn.Module):
 
 
 class _Encoder(nn.Module):
+    """The layer stack, ``(B, S, D) -> [input, layer 1 output, …]``.
+
+    Shared with :mod:`jattn.models.clip_vision`: the config is duck-typed (``hidden_size``,
+    ``intermediate_size``, ``num_hidden_layers``, ``num_heads``, ``head_dim``, ``hidden_act``,
+    ``layer_norm_eps``) and ``mask=None`` is full (unmasked) attention.
+    """
+
     config: CLIPTextConfig
     dtype: Any = jnp.float32
 
@@ -265,66 +284,129 @@ class CLIPTextModel(nn.Module):
         Raises:
           ValueError: ``input_ids`` not 2-D or longer than ``max_position_embeddings``.
         """
-        if input_ids.ndim != 2:
-            raise ValueError(f"CLIPTextModel: input_ids must be (B, S), got {input_ids.shape}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"CLIPTextModel: {input_ids.shape[1]} tokens exceed "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        _check_ids("CLIPTextModel", input_ids, self.config)
         return _TextTransformer(self.config, self.dtype, name="text_model")(
             input_ids, attention_mask, output_hidden_states)
 
 
-def _abstract_params(config: CLIPTextConfig):
-    model = CLIPTextModel(config)
+def _check_ids(owner: str, input_ids, config: CLIPTextConfig) -> None:
+    if input_ids.ndim != 2:
+        raise ValueError(f"{owner}: input_ids must be (B, S), got {input_ids.shape}")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(f"{owner}: {input_ids.shape[1]} tokens exceed "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """CLIP text encoder with the projected pooled output (transformers'
+    ``CLIPTextModelWithProjection``; SDXL's ``text_encoder_2``).
+
+    Parameters: ``text_model/...`` (as :class:`CLIPTextModel`) and ``text_projection/kernel``
+    ``(D, P)`` (no bias).
+
+    Attributes:
+      config: :class:`CLIPTextConfig` (``projection_dim`` = P).
+      dtype: computation dtype (parameters keep their own dtype).
+    """
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 output_hidden_states: bool = False) -> dict[str, Any]:
+        """Encode token ids.
+
+        Args: as :meth:`CLIPTextModel.__call__`.
+        Returns:
+          dict with ``text_embeds`` ``(B, P)`` (``text_projection`` of the pooled
+          end-of-text state: the first ``eos_token_id``, or the largest id for legacy
+          ``eos_token_id == 2`` configs, as transformers), ``pooler_output`` ``(B, D)`` (that
+          state before the projection), ``last_hidden_state`` ``(B, S, D)`` and with
+          ``output_hidden_states`` the tuple ``hidden_states`` (``num_hidden_layers + 1``
+          arrays ``(B, S, D)``; SDXL conditions on ``hidden_states[-2]``). Arrays in
+          ``dtype``.
+        Raises:
+          ValueError: ``input_ids`` not 2-D or longer than ``max_position_embeddings``.
+        """
+        _check_ids("CLIPTextModelWithProjection", input_ids, self.config)
+        out = dict(_TextTransformer(self.config, self.dtype, name="text_model")(
+            input_ids, attention_mask, output_hidden_states))
+        out["text_embeds"] = nn.Dense(self.config.projection_dim, use_bias=False,
+                                      dtype=self.dtype, name="text_projection")(
+                                          out["pooler_output"])
+        return out
+
+
+def _model_cls(with_projection: bool):
+    return CLIPTextModelWithProjection if with_projection else CLIPTextModel
+
+
+def _abstract_params(config: CLIPTextConfig, with_projection: bool = False):
+    model = _model_cls(with_projection)(config)
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def init_clip_text_params(config: CLIPTextConfig, key: Array) -> dict:
-    """Randomly initialised parameters (flax default initialisers), e.g. for training."""
-    init = jax.jit(CLIPTextModel(config).init)  # eager init dispatches op by op (slow)
+def init_clip_text_params(config: CLIPTextConfig, key: Array, *,
+                          with_projection: bool = False) -> dict:
+    """Randomly initialised parameters (flax default initialisers), e.g. for training, of
+    :class:`CLIPTextModel` (or :class:`CLIPTextModelWithProjection` when
+    ``with_projection``)."""
+    init = jax.jit(_model_cls(with_projection)(config).init)  # eager init is op by op (slow)
     return init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def _rename_clip_key(key: str) -> str | None:
     if key.endswith("embeddings.position_ids"):
         return None  # a buffer (arange), not a parameter
-    if not key.startswith(_PREFIX):
+    if not key.startswith((_PREFIX, _PROJECTION)):
         key = _PREFIX + key  # transformers >= 5 saves CLIPTextModel without the prefix
     return key
 
 
 def convert_clip_text_state_dict(state_dict: Mapping[str, Any], config: CLIPTextConfig,
-                                 dtype=None) -> dict:
-    """transformers ``CLIPTextModel`` state dict -> params of :class:`CLIPTextModel`.
+                                 dtype=None, *, with_projection: bool = False) -> dict:
+    """transformers ``CLIPTextModel`` (or, with ``with_projection``,
+    ``CLIPTextModelWithProjection``) state dict -> params of :class:`CLIPTextModel` (or
+    :class:`CLIPTextModelWithProjection`).
 
-    Accepts keys with the ``text_model.`` prefix (every SD checkpoint, transformers < 5) and
-    without (transformers >= 5 ``save_pretrained``); the ``position_ids`` buffer is dropped.
+    Accepts keys with the ``text_model.`` prefix (every SD checkpoint, transformers < 5, and
+    ``CLIPTextModelWithProjection`` of every version) and without (transformers >= 5
+    ``CLIPTextModel.save_pretrained``); the ``position_ids`` buffer is dropped. With
+    ``with_projection`` the bias-free ``text_projection.weight`` ``(P, D)`` is required;
+    without it, it is an unexpected key.
 
     Args:
       state_dict: ``{key: array}`` (numpy, or anything ``np.asarray`` reads).
       config: the encoder's config.
       dtype: cast every parameter to this dtype (default float32).
+      with_projection: convert for :class:`CLIPTextModelWithProjection`.
     Returns:
       the params tree (``model.apply({"params": params}, ...)``).
     Raises:
       CheckpointMismatchError: naming every missing, unexpected and misshapen key.
     """
-    return state_dict_to_params(state_dict, _abstract_params(config), model_name="text_encoder",
-                                rename=_rename_clip_key, dtype=dtype)
+    return state_dict_to_params(
+        state_dict, _abstract_params(config, with_projection),
+        model_name="text_encoder_2" if with_projection else "text_encoder",
+        rename=_rename_clip_key, dtype=dtype)
 
 
 def clip_text_state_dict(params: Mapping, *, prefix: str = _PREFIX, dtype=None
                          ) -> dict[str, np.ndarray]:
-    """Params of :class:`CLIPTextModel` -> transformers state dict (numpy).
+    """Params of :class:`CLIPTextModel` or :class:`CLIPTextModelWithProjection` ->
+    transformers state dict (numpy).
 
     Args:
       params: the params tree.
       prefix: ``"text_model."`` (default) gives the on-disk layout of SD checkpoints, which
         ``CLIPTextModel.from_pretrained`` of every transformers version reads; ``""`` gives
         the keys of a transformers >= 5 ``CLIPTextModel`` module
-        (``model.load_state_dict(sd, strict=True)``).
+        (``model.load_state_dict(sd, strict=True)``). ``text_projection.weight`` keeps its
+        name (``CLIPTextModelWithProjection`` always uses the ``text_model.`` prefix).
       dtype: optional numpy dtype of the exported arrays.
     """
     sd = params_to_state_dict(params, dtype=dtype)
-    return {prefix + k[len(_PREFIX):]: v for k, v in sd.items()}
+    return {(prefix + k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v
+            for k, v in sd.items()}

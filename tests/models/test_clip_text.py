@@ -183,3 +183,92 @@ def test_converter_names_missing_and_unexpected_keys():
     sd = _state_dict(hf)
     sd["text_model.embeddings.position_ids"] = np.arange(12)[None]
     convert_clip_text_state_dict(sd, cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# CLIPTextModelWithProjection (SDXL's text_encoder_2, issue 16).
+# ---------------------------------------------------------------------------------------
+
+from jattn.models.clip_text import CLIPTextModelWithProjection  # noqa: E402
+
+
+def _hf_proj_model(style: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.CLIPTextModelWithProjection(_hf_config(style))
+    return _randomize_torch_module(model, seed=seed, std=0.2)
+
+
+@pytest.mark.parametrize("style", list(CONFIGS))
+def test_with_projection_parity_with_transformers(style):
+    """CLIPTextModelWithProjection: text_embeds (bias-free projection of the pooled EOS
+    state; legacy eos_token_id == 2 pools the largest id, new configs the first EOS, as
+    transformers 5), last_hidden_state and every hidden state (SDXL uses [-2] and, with
+    clip_skip, earlier ones) match transformers on the same weights and tokens (fp32,
+    max-abs <= 1e-5). Fails if the projection gets a bias or a transpose, the pooled
+    token is wrong, or the converter misplaces the text_model prefix."""
+    hf = _hf_proj_model(style)
+    cfg = CLIPTextConfig.from_transformers(hf.config.to_dict())
+    assert cfg.projection_dim == 16
+    params = convert_clip_text_state_dict(_state_dict(hf), cfg, with_projection=True)
+    ids, _ = _token_batch(pad=CONFIGS[style]["pad_token_id"])
+    if style == "sd1_quick_gelu":
+        ids[:, -1] = 0  # SDXL's tokenizer_2 pads with "!" (id 0): argmax still finds EOS
+    with torch.no_grad():
+        ref = hf(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+    out = jax.jit(lambda p, i: CLIPTextModelWithProjection(cfg).apply(
+        {"params": p}, i, output_hidden_states=True))(params, jnp.asarray(ids, jnp.int32))
+    errs = {
+        "text_embeds": np.abs(np.asarray(out["text_embeds"]) - ref.text_embeds.numpy()).max(),
+        "last_hidden_state": np.abs(np.asarray(out["last_hidden_state"])
+                                    - ref.last_hidden_state.numpy()).max(),
+    }
+    assert out["text_embeds"].shape == (2, 16)
+    assert len(out["hidden_states"]) == len(ref.hidden_states) == 3
+    for i, (a, b) in enumerate(zip(out["hidden_states"], ref.hidden_states)):
+        errs[f"hidden_states[{i}]"] = np.abs(np.asarray(a) - b.numpy()).max()
+    print(style, "with projection", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert max(errs.values()) <= ATOL, errs
+
+
+def test_with_projection_converter_and_export(tmp_path):
+    """The converter names a missing text_projection.weight, a misshapen one and a foreign
+    key; the export loads strictly with CLIPTextModelWithProjection.from_pretrained and
+    converts back bit-exactly. Fails if a checkpoint without the projection loads with a
+    random one, or jattn's export is unreadable by transformers/diffusers."""
+    from jattn.io.convert import CheckpointMismatchError
+    from safetensors.numpy import save_file
+
+    hf = _hf_proj_model("sd2_gelu", seed=1)
+    cfg = CLIPTextConfig.from_transformers(hf.config.to_dict())
+    sd = _state_dict(hf)
+    assert "text_projection.weight" in sd and "text_projection.bias" not in sd
+    bad = dict(sd)
+    bad.pop("text_projection.weight")
+    bad["text_model.encoder.layers.0.mlp.fc1.weight"] = np.zeros((7, 32), np.float32)
+    bad["logit_scale"] = np.zeros((), np.float32)
+    with pytest.raises(CheckpointMismatchError) as e:
+        convert_clip_text_state_dict(bad, cfg, with_projection=True)
+    msg = str(e.value)
+    for key in ("text_projection.weight", "text_model.encoder.layers.0.mlp.fc1.weight",
+                "logit_scale", "text_encoder_2"):
+        assert key in msg, (key, msg)
+    with pytest.raises(CheckpointMismatchError, match="text_projection.weight"):
+        convert_clip_text_state_dict({k: v for k, v in sd.items()
+                                      if not k.startswith("text_projection")}, cfg,
+                                     with_projection=True)
+
+    params = convert_clip_text_state_dict(sd, cfg, with_projection=True)
+    disk = clip_text_state_dict(params)
+    assert set(disk) == set(sd) - {"text_model.embeddings.position_ids"}
+    save_file(disk, str(tmp_path / "model.safetensors"))
+    d = cfg.to_transformers(with_projection=True)
+    assert d["architectures"] == ["CLIPTextModelWithProjection"]
+    assert CLIPTextConfig.from_transformers(d) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    loaded, info = transformers.CLIPTextModelWithProjection.from_pretrained(
+        str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    for k, v in hf.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    back = convert_clip_text_state_dict(disk, cfg, with_projection=True)
+    jax.tree.map(np.testing.assert_array_equal, back, params)

@@ -131,3 +131,24 @@ def test_converter_and_input_errors():
         Resampler(TINY).apply({"params": params}, jnp.ones((2, 9, 16)))
     with pytest.raises(ValueError, match="heads=0"):
         ResamplerConfig(heads=0)
+
+
+def test_vit_h14_ip_adapter_plus_shapes():
+    """At the released sizes (abstract evaluation, no compute): CLIP ViT-H/14 has 632,076,800
+    parameters (OpenCLIP's visual tower with projection), its penultimate hidden state is
+    (B, 257, 1280), and the IP-Adapter-Plus SD1.5 resampler (the ResamplerConfig defaults)
+    maps it to (B, 16, 768). Fails if a size of the released architecture is wrong, so the
+    authors' weights would not load."""
+    from jattn.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig.vit_h14())
+    pixels = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    out, variables = jax.eval_shape(
+        lambda k, x: clip.init_with_output(k, x, output_hidden_states=True),
+        jax.random.key(0), pixels)
+    assert sum(a.size for a in jax.tree.leaves(variables)) == 632_076_800
+    assert out["hidden_states"][-2].shape == (2, 257, 1280)
+    assert out["image_embeds"].shape == (2, 1024)
+    tokens, _ = jax.eval_shape(lambda k, f: Resampler(ResamplerConfig()).init_with_output(k, f),
+                               jax.random.key(0), out["hidden_states"][-2])
+    assert tokens.shape == (2, 16, 768)

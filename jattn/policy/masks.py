@@ -55,7 +55,7 @@ from jattn.policy.kmeans import kmeans
 Array = jax.Array
 
 __all__ = ["NEG", "box_regions", "resize_nearest_exact", "cross_blocked", "self_blocked",
-           "SubjectMask", "MaskRefine", "refine_masks", "normalize_maps", "final_masks"]
+           "SubjectMask", "MaskRefine", "refine_masks", "assign_clusters", "normalize_maps", "final_masks"]
 
 NEG = float(np.finfo(np.float32).min)
 EPS = 1e-5  # the reference's BoundedAttention.EPSILON
@@ -204,13 +204,29 @@ def refine_masks(self_mean: Array, cross_mean: Array, existing: Array, boxes: Ar
     ``self_threshold``; a subject left without pixels takes its box back (removed from the
     others).
     """
-    b, t, _ = self_mean.shape
-    n = cross_mean.shape[-1]
     k = refine.n_clusters
     x = normalize_maps(self_mean.astype(jnp.float32))
     labels = jax.vmap(lambda xi: kmeans(xi, k, key, n_init=refine.n_init).labels)(x)  # (B, T)
+    return assign_clusters(labels, k, cross_mean, existing, boxes, refine.subjects,
+                           refine.cross_threshold, refine.self_threshold, hw, refine.scale)
+
+
+def assign_clusters(labels: Array, k: int, cross_mean: Array, existing: Array, boxes: Array,
+                    subjects: Array, cross_threshold, self_threshold, hw: tuple[int, int],
+                    scale: float = 10.0) -> Array:
+    """Clusters → subject regions (the reference's ``_build_self_masks`` after the
+    clustering, ``_obtain_cross_masks``, ``_fix_zero_masks``).
+
+    Args:
+      labels: int32 ``(B, T)`` cluster of each pixel (k clusters, static).
+      cross_mean: float32 ``(B, T, N)``; existing: ``(B, N, T)``; boxes ``(B, N, 4)``;
+      subjects: bool ``(B, N)``.
+    Returns:
+      float32 ``(B, N, T)``.
+    """
+    n = cross_mean.shape[-1]
     cm = normalize_maps(cross_mean.astype(jnp.float32))
-    cm = jax.nn.sigmoid(refine.scale * (cm - refine.cross_threshold))
+    cm = jax.nn.sigmoid(scale * (cm - cross_threshold))
     cm = normalize_maps(cm, reduce_min=True)
     cross = jnp.swapaxes(cm, 1, 2) * existing.astype(jnp.float32)  # (B, N, T)
     onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)          # (B, T, k)
@@ -220,16 +236,16 @@ def refine_masks(self_mean: Array, cross_mean: Array, existing: Array, boxes: Ar
                        precision=jax.lax.Precision.HIGHEST)
     min_area = jnp.minimum(cr_area, cl_area)
     ratio = jnp.where(min_area > 0, inter / jnp.where(min_area > 0, min_area, 1.0), 0.0)
-    ratio = jnp.where(refine.subjects[:, :, None], ratio, -jnp.inf)
+    ratio = jnp.where(subjects[:, :, None], ratio, -jnp.inf)
     score_k = jnp.max(ratio, axis=1)                                # (B, k)
     subj_k = jnp.argmax(ratio, axis=1)                              # (B, k)
     subj_t = jnp.take_along_axis(subj_k, labels, axis=1)            # (B, T)
     score_t = jnp.take_along_axis(score_k, labels, axis=1)
     masks = (subj_t[:, None, :] == jnp.arange(n)[None, :, None]) \
-        & (score_t[:, None, :] >= refine.self_threshold) & refine.subjects[:, :, None]
+        & (score_t[:, None, :] >= self_threshold) & subjects[:, :, None]
     bx = box_regions(boxes, hw[0], hw[1])                            # (B, N, T)
     for j in range(n):  # the reference's _fix_zero_masks, subject by subject
-        empty = refine.subjects[:, j] & ~jnp.any(masks[:, j], axis=-1)   # (B,)
+        empty = subjects[:, j] & ~jnp.any(masks[:, j], axis=-1)    # (B,)
         fixed = masks & ~bx[:, j][:, None, :]
         fixed = fixed.at[:, j].set(bx[:, j])
         masks = jnp.where(empty[:, None, None], fixed, masks)

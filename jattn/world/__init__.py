@@ -13,7 +13,8 @@ world's definition; a held-out split of (colour, shape) pairs. numpy only.
 
 from jattn.world.captions import NUM_CAPTION_VARIANTS, caption_for, object_phrase, parse_prompt
 from jattn.world.detector import (
-    Detection, classify_pixels, detect, fill_holes, label_components, score_image,
+    Detection, classify_background, classify_pixels, detect, fill_holes, label_components,
+    score_image,
 )
 from jattn.world.scene import (
     Scene, SceneObject, iter_batches, make_dataset, render, sample_scene, sample_spec, shape_mask,
@@ -31,5 +32,5 @@ __all__ = [
     "ObjectSpec", "SceneSpec", "Scene", "SceneObject", "Detection",
     "caption_for", "object_phrase", "parse_prompt", "position_of", "size_of",
     "heldout_specs", "render", "sample_scene", "sample_spec", "shape_mask", "make_dataset", "iter_batches",
-    "detect", "score_image", "classify_pixels", "label_components", "fill_holes",
+    "detect", "score_image", "classify_background", "classify_pixels", "label_components", "fill_holes",
 ]

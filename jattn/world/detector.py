@@ -20,6 +20,13 @@ each component's colour, shape, fill, size and position are read from its pixels
    solid, else striped when they form long bands, dotted when small blobs.
 5. size from the box extent, position from the centroid (``spec.position_of``).
 
+The scene's background (:func:`classify_background`) is read from the pixels that are no
+object colour and at least 4 px from any object pixel: their mean RGB and their pattern —
+the mean over rows of the standard deviation along each row (``sx``) and the mean over
+columns of the deviation along each column (``sy``) — go to the nearest background
+prototype (``spec.BACKGROUND_TONES``: plain gray / light gray / beige differ in RGB;
+striped, horizontal bands, has ``sy`` ≈ 15 and ``sx`` ≈ 0; checkered has both ≈ 20).
+
 ``score_image(image, spec)`` matches detections to the objects a prompt asked for and says
 which stated attributes came out right (for scripts/eval_*.py).
 """
@@ -33,7 +40,8 @@ import itertools
 import numpy as np
 
 from jattn.world.spec import (
-    COLORS, PALETTE, SHADE, SHAPES, SceneSpec, position_of, size_of,
+    BACKGROUND_TONES, BACKGROUNDS, COLORS, PALETTE, SHADE, SHAPES, SceneSpec, position_of,
+    size_of,
 )
 
 _BLACK_MAX_VALUE = 0.33
@@ -347,6 +355,97 @@ def detect(image: np.ndarray, min_area: int = 40) -> list[Detection]:
     return out
 
 
+BACKGROUND_FEATURES = ("r", "g", "b", "sx", "sy")
+_BG_MARGIN = 3  # background pixels are at least this + 1 px from any object-coloured pixel
+_BG_MIN_PIXELS = 200
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Dilation with the (2r + 1)² square."""
+    H, W = mask.shape
+    p = np.pad(mask, r)
+    out = np.zeros_like(mask)
+    for di in range(2 * r + 1):
+        for dj in range(2 * r + 1):
+            out |= p[di: di + H, dj: dj + W]
+    return out
+
+
+def _dir_std(v: np.ndarray, m: np.ndarray) -> float:
+    """Mean over rows (with >= 8 masked pixels) of the std of ``v`` along the row, on ``m``."""
+    cnt = m.sum(1)
+    s1, s2 = (v * m).sum(1), (v * v * m).sum(1)
+    ok = cnt >= 8
+    if not ok.any():
+        return 0.0
+    var = s2[ok] / cnt[ok] - (s1[ok] / cnt[ok]) ** 2
+    return float(np.sqrt(np.maximum(var, 0.0)).mean())
+
+
+@functools.lru_cache(maxsize=None)
+def _background_prototypes() -> np.ndarray:
+    """(5 backgrounds, 5 features): the world's backgrounds' features (from their tones)."""
+    from jattn.world.scene import _background
+
+    return np.array([_bg_features(img, np.ones(img.shape[:2], bool))
+                     for img in (_background(b) for b in BACKGROUNDS)])
+
+
+def _bg_features(image: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    v = image.astype(np.float64).mean(-1)
+    rgb = image[bg].astype(np.float64).mean(0)
+    return np.array([*rgb, _dir_std(v, bg), _dir_std(v.T, bg.T)])
+
+
+def background_features(image: np.ndarray, cls: np.ndarray | None = None) -> np.ndarray | None:
+    """Background features (BACKGROUND_FEATURES: mean R, G, B in 0..255; ``sx``, ``sy``:
+    mean std of the gray value along rows / along columns) of an image, on the pixels of no
+    object colour farther than 3 px from any object-coloured pixel (all non-object pixels
+    when fewer than 200 remain).
+
+    Args:
+      image: uint8 (H, W, 3) RGB.
+      cls: ``classify_pixels(image)`` when already computed.
+
+    Returns:
+      float64 (5,), or None when no pixel is background.
+    """
+    cls = classify_pixels(image) if cls is None else cls
+    obj = cls >= 0
+    bg = ~_dilate(obj, _BG_MARGIN)
+    if bg.sum() < _BG_MIN_PIXELS:
+        bg = ~obj
+    if not bg.any():
+        return None
+    return _bg_features(image, bg)
+
+
+def classify_background(image: np.ndarray, cls: np.ndarray | None = None) -> str | None:
+    """The scene's background (one of ``spec.BACKGROUNDS``), or None when the image has no
+    background pixel.
+
+    Nearest prototype (Euclidean, features in 0..255 units) among the world's backgrounds:
+    gray (128, 128, 128, sx 0, sy 0), light gray (170, …), beige (165, 150, 125, 0, 0),
+    striped (≈130 gray, sx 0, sy 15), checkered (≈130 gray, sx 20, sy 20); prototypes are
+    computed from ``spec.BACKGROUND_TONES`` with the renderer's patterns.
+
+    Args:
+      image: uint8 (H, W, 3) RGB.
+      cls: ``classify_pixels(image)`` when already computed.
+
+    Raises:
+      ValueError: image not uint8 (H, W, 3).
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+    f = background_features(image, cls)
+    if f is None:
+        return None
+    d = np.sqrt(((_background_prototypes() - f) ** 2).sum(-1))
+    return BACKGROUNDS[int(d.argmin())]
+
+
 _SCORED = ("color", "shape", "size", "position", "fill")
 
 
@@ -367,6 +466,9 @@ def score_image(image: np.ndarray, spec: SceneSpec, detections: list[Detection] 
         all_correct: every object found with all stated attributes right and count_ok;
         color_acc, shape_acc, position_acc: fraction of objects (stating it) right
           (None when no object states it);
+        background: the detected background (:func:`classify_background`, always);
+        background_ok: it equals the spec's background, None when the spec leaves the
+          background unstated (not part of all_correct, which is about the objects);
         detections: all detections.
     """
     dets = detect(image, min_area) if detections is None else detections
@@ -401,6 +503,7 @@ def score_image(image: np.ndarray, spec: SceneSpec, detections: list[Detection] 
         return float(np.mean(vals)) if vals else None
 
     count_ok = len(dets) == len(objs)
+    background = classify_background(image)
     return {
         "objects": per,
         "count_ok": count_ok,
@@ -408,5 +511,7 @@ def score_image(image: np.ndarray, spec: SceneSpec, detections: list[Detection] 
         "color_acc": acc("color"),
         "shape_acc": acc("shape"),
         "position_acc": acc("position"),
+        "background": background,
+        "background_ok": None if spec.background is None else background == spec.background,
         "detections": dets,
     }

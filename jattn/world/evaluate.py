@@ -153,7 +153,8 @@ def eval_prompts(n_single: int = 40, n_two: int = 40) -> list[EvalPrompt]:
 
 def _detection_summary(d: Detection) -> dict:
     return {"color": d.color, "shape": d.shape, "position": d.position, "size": d.size,
-            "fill": d.fill, "box": list(d.box), "area": d.area}
+            "fill": d.fill, "box": list(d.box), "area": d.area,
+            "centroid": [round(float(v), 2) for v in d.centroid]}
 
 
 def score_generated(image: np.ndarray, spec: SceneSpec) -> dict:
@@ -168,8 +169,12 @@ def score_generated(image: np.ndarray, spec: SceneSpec) -> dict:
         objects: per spec object ``{"color", "shape", "position": asked (None when
           unstated), "found": bool, "color_ok", "shape_ok": bool, "position_ok": bool or
           None when unstated, "color_shape_ok": colour and shape right, "all_ok": every
-          stated attribute right, "detection": summary dict of the matched detection or
-          None}``;
+          stated attribute right, "fill": asked (None when unstated), "fill_ok": bool or
+          None when unstated, "detection": summary dict of the matched detection (colour,
+          shape, position, size, fill, box, area, centroid) or None}``;
+        background: the detected background (one of ``spec.BACKGROUNDS``, always reported);
+        background_ok: it equals the spec's background, None when the spec leaves it
+          unstated (``exact`` stays about the objects);
         count_ok: as many detections as objects asked for;
         exact: count_ok and every object all_ok;
         num_detections: int;
@@ -191,11 +196,14 @@ def score_generated(image: np.ndarray, spec: SceneSpec) -> dict:
             "position_ok": None if r["position"] is None else bool(r["position"]),
             "color_shape_ok": bool(r["color"]) and bool(r["shape"]),
             "all_ok": bool(r["all"]),
+            "fill": o.fill, "fill_ok": None if r["fill"] is None else bool(r["fill"]),
             "detection": None if d is None else _detection_summary(d),
         })
         masks.append(None if d is None else fill_holes(d.mask))
     return {"objects": objects, "count_ok": bool(res["count_ok"]),
-            "exact": bool(res["all_correct"]), "num_detections": len(dets), "masks": masks}
+            "exact": bool(res["all_correct"]), "num_detections": len(dets),
+            "background": res["background"], "background_ok": res["background_ok"],
+            "masks": masks}
 
 
 # ----------------------------------------------------------------------------- attention

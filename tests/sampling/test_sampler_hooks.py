@@ -172,7 +172,7 @@ def test_bad_reimpose_raises():
 
 def test_reimpose_through_the_pipeline_never_recompiles(pipe):
     """pipe.generate with a re-imposed row 0: its final latents are the trajectory's last
-    row, row 1 (no policy: rows independent) is its plain generation; a new trajectory
+    row, row 1 (no policy: rows independent) does not depend on it; a new trajectory
     compiles nothing."""
     kw = dict(num_inference_steps=3, guidance_scale=3.0, seed=[1, 2], decode=False)
     rng = np.random.default_rng(0)
@@ -187,5 +187,3 @@ def test_reimpose_through_the_pipeline_never_recompiles(pipe):
     assert pipe.trace_counts["sample"] == n
     np.testing.assert_array_equal(b.latents[0], -traj[-1, 0].transpose(2, 0, 1))
     np.testing.assert_array_equal(a.latents[1], b.latents[1])
-    plain = pipe.generate(["a photo", "a cat"], **kw)
-    np.testing.assert_allclose(a.latents[1], plain.latents[1], rtol=1e-5, atol=1e-5)

@@ -7,7 +7,9 @@ dropout. Generic ops; the methods compose them:
   :class:`AdaIN` of Q and K toward member 0, then :class:`SharedAttention` with K, V :=
   concat[own; member 0], ``k_scale`` = ``shared_score_scale``, ``shift`` =
   ``shared_score_shift``; ``full_attention_share`` = :func:`shared_table` with
-  ``sources="all"``;
+  ``sources="all"`` and no AdaIN, no scale, no shift (the reference's ``__call__`` then
+  runs plain attention over each CFG half's concatenated tokens, bypassing
+  ``shared_call``);
 * MasaCtrl (Cao et al. ICCV 2023; TencentARC/MasaCtrl): the union variant = concat[own;
   member 0]; the mask variants = ``own=False`` (Q attends to member 0's K, V only) with a
   mask over member 0's tokens;

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattn.models.attention import AttentionSite, default_attention
+from jattn.models.attention import AttentionSite
+from jattn.models.attention import default_attention as _default_attention
 from jattn.policy.core import Layout, Op, Policy, PolicyError, Select, SiteContext, resolve
 from jattn.policy.ops import member_table
 from jattn.policy.shared import (AdaIN, AuxMask, GivenMask, SharedAttention, drop_mask,
@@ -24,6 +25,10 @@ def _qkv(layout, seed=0, t=T):
     rng = np.random.default_rng(seed)
     return tuple((rng.standard_normal((layout.rows, t, 2, 3)) * (1 + i)).astype(np.float32)
                  for i in range(3))
+
+
+default_attention = jax.jit(_default_attention)
+drop_mask_jit = jax.jit(drop_mask, static_argnums=(4,))
 
 
 @jax.jit
@@ -100,8 +105,8 @@ def test_adain_matches_reference():
     layout = Layout(groups=1, members=3, cfg=True)
     q, k, v = _qkv(layout)
     table = jnp.asarray(member_table(1, 3, {1: 0, 2: 0}))
-    q2, k2, v2 = AdaIN(q_from=table, k_from=table).qkv(
-        SiteContext(SITE, jnp.int32(0), layout), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    q2, k2, v2 = jax.jit(lambda op, *x: op.qkv(SiteContext(SITE, jnp.int32(0), layout), *x))(
+        AdaIN(q_from=table, k_from=table), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
     want = np.transpose(ref_adain(_t(q)), (0, 2, 1, 3))
     np.testing.assert_allclose(q2, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(k2, np.transpose(ref_adain(_t(k)), (0, 2, 1, 3)), rtol=1e-5,
@@ -221,13 +226,13 @@ def test_mask_dropout_is_per_group_and_step():
     drops about p of the tokens, changes with the step, and p = 0 drops nothing."""
     rng = np.random.default_rng(8)
     mask = jnp.asarray(rng.random((2, 3, 256)) > 0.2)
-    both = drop_mask(mask, 0.5, jnp.asarray([11, 22]), jnp.int32(3), salt=16)
-    alone = drop_mask(mask[1:], 0.5, jnp.asarray([22]), jnp.int32(3), salt=16)
+    both = drop_mask_jit(mask, 0.5, jnp.asarray([11, 22]), jnp.int32(3), salt=16)
+    alone = drop_mask_jit(mask[1:], 0.5, jnp.asarray([22]), jnp.int32(3), salt=16)
     np.testing.assert_array_equal(both[1:], alone)
     kept = float(both.sum() / mask.sum())
     assert 0.4 < kept < 0.6
-    assert not np.array_equal(drop_mask(mask, 0.5, jnp.asarray([11, 22]), jnp.int32(4), 16), both)
-    np.testing.assert_array_equal(drop_mask(mask, 0.0, jnp.asarray([11, 22]), 3, 16), mask)
+    assert not np.array_equal(drop_mask_jit(mask, 0.5, jnp.asarray([11, 22]), jnp.int32(4), 16), both)
+    np.testing.assert_array_equal(drop_mask_jit(mask, 0.0, jnp.asarray([11, 22]), jnp.int32(3), 16), mask)
     assert not np.any(np.asarray(both) & ~np.asarray(mask))
 
 

@@ -341,7 +341,8 @@ def bounded_guidance(pipe, prompts: Sequence[str], phrases, boxes, *,
                      height: int | None = None, width: int | None = None,
                      reference_quirks: bool = False, inputs: dict | None = None
                      ) -> Guidance | None:
-    """The guidance of Bounded Attention (module docstring); None without any box.
+    """The guidance of Bounded Attention (module docstring); None without any box or
+    without a guided step (all step sizes 0).
 
     Runs in the sampler's guidance hook: per guided step a bounded ``while_loop`` of at
     most ``num_gd_iterations`` gradient steps while the sample's ``loss / N`` is above
@@ -350,7 +351,9 @@ def bounded_guidance(pipe, prompts: Sequence[str], phrases, boxes, *,
     height, width = pipe.check_size(height, width, len(prompts))
     inp = inputs if inputs is not None else bounded_inputs(pipe.tokenizer, prompts, phrases,
                                                            boxes, height, width)
-    if not inp["subjects"].any():
+    n = int(num_inference_steps)
+    steps = step_sizes(n, init_step_size, final_step_size, num_guidance_steps)
+    if not inp["subjects"].any() or not steps.any():
         return None
     sites = _policy_sites(pipe, height, width)
     ls = loss_sites(sites)
@@ -364,8 +367,6 @@ def bounded_guidance(pipe, prompts: Sequence[str], phrases, boxes, *,
     sel = "^(" + "|".join(s.path.replace(".", "[.]") for s in ls) + ")$"
     pol = resolve([(sel, (mask, RecordHeads())), ("", mask)], sites,
                   layout=Layout(groups=b, members=1, cfg=False))
-    n = int(num_inference_steps)
-    steps = step_sizes(n, init_step_size, final_step_size, num_guidance_steps)
     thr = np.where(steps != 0, np.float32(loss_threshold), np.float32(np.inf))
     weights = inp["token_subject"].astype(np.float32) + inp["eos"][:, None, :]
     args = _LossArgs(

@@ -661,3 +661,46 @@ def test_scheduler_names():
         dict(diffusers.EulerAncestralDiscreteScheduler.from_config(SDXL_JSON).config,
              _class_name="EulerAncestralDiscreteScheduler"))
     assert back.kind == "euler-ancestral" and back.timestep_spacing == "leading"
+
+
+@pytest.mark.slow  # ~15 s: compiles the tiny pipeline's sampler
+def test_pipeline_euler_ancestral_matches_diffusers(tiny_sd_dir, monkeypatch):
+    """End to end on the tiny SD pipeline: ``generate(scheduler="euler-ancestral")`` with
+    the per-step noise given through ``SamplerHooks.noise`` ends on diffusers' latents
+    when diffusers' ``randn_tensor`` returns the same noise (that is how the randomness is
+    matched; with keys, jattn draws sample b's noise from its own key, per-sample and
+    batch-independent, see test_euler_ancestral_keys_per_sample_and_noise_scale). The
+    "-karras" names reach the pipeline's schedule. If this fails, Euler ancestral breaks
+    inside the compiled sampler (noise layout, init_noise_sigma, model-input scaling)."""
+    import jattn
+    from jattn.sampling.sampler import SamplerHooks
+
+    steps, prompts = 4, ["a red circle on the left", "a blue square"]
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    noise = rng.standard_normal((steps, 2, 8, 8, 4)).astype(np.float32)  # (n, B, h, w, C)
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    drawn = iter(np.transpose(noise, (0, 1, 4, 2, 3)))  # diffusers' (B, C, h, w) per step
+    monkeypatch.setattr(_RANDN_MODULE["euler-ancestral"], "randn_tensor",
+                        lambda *a, **k: torch.from_numpy(np.ascontiguousarray(next(drawn))))
+    with torch.no_grad():
+        ref = pipe(prompts, negative_prompt=["blurry", ""], latents=torch.from_numpy(latents),
+                   num_inference_steps=steps, guidance_scale=7.5,
+                   output_type="latent").images.numpy()
+
+    jp = jattn.load(tiny_sd_dir)
+    out = jp.generate(prompts, negative_prompt=["blurry", ""], num_inference_steps=steps,
+                      guidance_scale=7.5, scheduler="euler-ancestral", latents=latents,
+                      hooks=SamplerHooks(noise=jnp.asarray(noise)), decode=False)
+    err = float(np.abs(out.latents - ref).max())
+    print(f"pipeline euler-ancestral: max-abs {err:.2e} (max |latents| {np.abs(ref).max():.2f})")
+    assert err <= 1e-4 * max(1.0, float(np.abs(ref).max())), err
+    for name in ("euler-karras", "dpm++2m-karras"):
+        sched = jp.schedule(10, name)
+        ref_s = getattr(diffusers, S._KIND_TO_CLASS[sched.kind]).from_config(
+            pipe.scheduler.config, use_karras_sigmas=True)
+        ref_s.set_timesteps(10)
+        np.testing.assert_allclose(np.asarray(sched.sigmas), ref_s.sigmas.numpy(), rtol=1e-6)

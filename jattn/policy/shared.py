@@ -375,6 +375,13 @@ class SharedAttention(Op):
       own: static; True: concat[own; sources] (StyleAligned, ConsiStory, MasaCtrl union);
         False: the keys/values are the source's only (one slot; MasaCtrl, with a mask for
         its mask variants); rows whose slot is off keep their own K, V.
+      match_query: static; with a mask, query token t of member m may attend to the
+        source tokens whose mask value equals m's own mask value at t (foreground queries
+        to the source's foreground, background to background): MasaCtrl's mask variant
+        (``MutualSelfAttentionControlMask``: two restricted attentions, foreground and
+        background of the source, blended by the target's mask — the same as one
+        attention whose row t is restricted by the target's mask at t). The bias is then
+        ``(B, 1, T, S')`` instead of ``(B, 1, 1, S')``.
       halves: static; CFG halves that share (``"both"`` as the references, ``"cond"``,
         ``"uncond"``); rows of the other half are off.
       exclude_off: static; produce the ``-inf`` bias on off slots even without shift and
@@ -393,12 +400,16 @@ class SharedAttention(Op):
     dropout: Array | None = None
     keys: Array | None = None
     own: bool = struct.field(pytree_node=False, default=True)
+    match_query: bool = struct.field(pytree_node=False, default=False)
     halves: str = struct.field(pytree_node=False, default="both")
     exclude_off: bool = struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         if self.halves not in HALVES:
             raise PolicyError(f"SharedAttention.halves={self.halves!r}: use one of {HALVES}")
+        if self.match_query and self.mask is None:
+            raise PolicyError("SharedAttention.match_query needs a mask (the members' masks "
+                              "decide which source tokens each query token may attend to)")
         if self.dropout is not None and (self.mask is None or self.keys is None):
             raise PolicyError("SharedAttention.dropout needs a mask and keys (one PRNG key or "
                               "seed per group) so that the draw is per group and per step")
@@ -465,38 +476,46 @@ class SharedAttention(Op):
         return q, jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
 
     def source_mask(self, ctx: SiteContext, rows: Array) -> Array | None:
-        """bool ``(B, A, S)``: the source tokens each row may attend to per slot (the
-        mask after dropout, taken from the slot's source member), or None (no mask)."""
+        """bool ``(B, Tq, A, S)``: the source tokens each row (and, with ``match_query``,
+        each of its T query tokens; Tq = 1 otherwise) may attend to per slot: the slot's
+        source member's mask after dropout; None without a mask."""
         if self.mask is None:
             return None
         lay = ctx.layout
         mk = self.mask.site_mask(ctx) >= 0.5                          # (G, M, T)
+        own_mk = mk
         if self.dropout is not None:
             h, w = ctx.site.resolution
             mk = drop_mask(mk, self.dropout, self.keys, ctx.step, salt=h * 65536 + w)
         per_slot = jnp.stack([jnp.take(mk, rows[:, a], axis=1)
-                              for a in range(rows.shape[1])], axis=2)  # (G, M, A, T)
+                              for a in range(rows.shape[1])], axis=2)  # (G, M, A, S)
         full = jnp.broadcast_to(per_slot[None], (lay.halves,) + per_slot.shape)
-        return full.reshape((lay.rows,) + per_slot.shape[2:])
+        allowed = full.reshape((lay.rows, 1) + per_slot.shape[2:])    # (B, 1, A, S)
+        if not self.match_query:
+            return allowed
+        q_in = jnp.broadcast_to(own_mk[None], (lay.halves,) + own_mk.shape)
+        q_in = q_in.reshape(lay.rows, -1)[:, :, None, None]            # (B, T, 1, 1)
+        return jnp.where(q_in, allowed, ~allowed)                      # (B, T, A, S)
 
     def logit_bias(self, ctx: SiteContext, q: Array, k: Array) -> Array | None:
         if not self.has_bias:
             return None
         rows = self._rows(ctx)
         on = self._on(ctx, rows)                                      # (B, A)
-        a = rows.shape[1]
+        b, a = on.shape
         s = k.shape[1] // (a + (1 if self.own else 0))
         shift = jnp.float32(0.0) if self.shift is None else jnp.asarray(self.shift, jnp.float32)
-        cols = jnp.broadcast_to(shift, on.shape + (s,))               # (B, A, S)
-        allowed = self.source_mask(ctx, rows)
+        allowed = self.source_mask(ctx, rows)                         # (B, Tq, A, S)
+        tq = 1 if allowed is None else allowed.shape[1]
+        cols = jnp.broadcast_to(shift, (b, tq, a, s))
         if allowed is not None:
             cols = jnp.where(allowed, cols, -jnp.inf)
         if self.own:
-            cols = jnp.where(on[..., None], cols, -jnp.inf)           # off slots excluded
-            cols = jnp.concatenate([jnp.zeros((on.shape[0], 1, s), jnp.float32), cols], 1)
+            cols = jnp.where(on[:, None, :, None], cols, -jnp.inf)    # off slots excluded
+            cols = jnp.concatenate([jnp.zeros((b, tq, 1, s), jnp.float32), cols], axis=2)
         else:
-            # one slot: off rows keep their own keys unbiased; a source mask with no token
-            # left would make every logit -inf: those rows attend to the whole source
-            ok = on[:, :1, None] & jnp.any(jnp.isfinite(cols), axis=-1, keepdims=True)
+            # one slot: off rows keep their own keys unbiased; a query whose allowed source
+            # tokens are none would have every logit -inf: it attends to the whole source
+            ok = on[:, None, :1, None] & jnp.any(jnp.isfinite(cols), axis=-1, keepdims=True)
             cols = jnp.where(ok, cols, 0.0)
-        return cols.reshape(cols.shape[0], 1, 1, -1)
+        return cols.reshape(b, 1, tq, -1)

@@ -221,6 +221,29 @@ def test_masked_replace_limits_to_the_source_foreground():
     np.testing.assert_allclose(_attend(empty, layout, q, k, v)[1:], whole, rtol=1e-5, atol=1e-6)
 
 
+def test_match_query_is_masactrl_foreground_background_blend():
+    """MasaCtrl's mask variant (MutualSelfAttentionControlMask): the target's output is
+    attention to the source's foreground times the target's mask plus attention to the
+    source's background times (1 - mask); here one attention restricted per query row."""
+    layout = Layout(groups=1, members=2, cfg=True)
+    q, k, v = _qkv(layout, seed=12)
+    rng = np.random.default_rng(13)
+    masks = rng.random((2, 4, 4)) > 0.5                               # source 0, target 1
+    op = SharedAttention(sources=jnp.asarray([0, 0], jnp.int32), own=False,
+                         mask=GivenMask(jnp.asarray(masks)), match_query=True)
+    got = _attend(op, layout, q, k, v)
+    fs, ft = masks[0].reshape(-1), masks[1].reshape(-1)
+    for tgt, src in ((1, 0), (3, 2)):                                 # both halves
+        qq = jnp.asarray(q[tgt:tgt + 1])
+        fg = default_attention(qq, jnp.asarray(k[src:src + 1, fs]), jnp.asarray(v[src:src + 1, fs]))
+        bg = default_attention(qq, jnp.asarray(k[src:src + 1, ~fs]),
+                               jnp.asarray(v[src:src + 1, ~fs]))
+        want = np.where(ft[None, :, None, None], fg, bg)
+        np.testing.assert_allclose(got[tgt:tgt + 1], want, rtol=1e-5, atol=1e-6)
+    plain = default_attention(*(jnp.asarray(x[[0, 2]]) for x in (q, k, v)))
+    np.testing.assert_allclose(got[[0, 2]], plain, rtol=1e-5, atol=1e-6)
+
+
 def test_mask_dropout_is_per_group_and_step():
     """Group g's dropped mask depends on its own key and the step only (batch-invariant),
     drops about p of the tokens, changes with the step, and p = 0 drops nothing."""
@@ -259,6 +282,8 @@ def test_errors():
         SharedAttention(sources=jnp.zeros(3, jnp.int32), halves="all")
     with pytest.raises(PolicyError, match="dropout"):
         SharedAttention(sources=jnp.zeros(3, jnp.int32), dropout=jnp.float32(0.5))
+    with pytest.raises(PolicyError, match="match_query needs a mask"):
+        SharedAttention(sources=jnp.zeros(3, jnp.int32), match_query=True)
     with pytest.raises(PolicyError, match="exclude_off"):
         SharedAttention(sources=jnp.asarray(shared_table(1, 3, {1: [0, 2], 2: [0]})))
     SharedAttention(sources=jnp.asarray(shared_table(1, 3, {1: [0, 2], 2: [0]})),

@@ -12,7 +12,8 @@ dropout. Generic ops; the methods compose them:
   ``shared_call``);
 * MasaCtrl (Cao et al. ICCV 2023; TencentARC/MasaCtrl): the union variant = concat[own;
   member 0]; the mask variants = ``own=False`` (Q attends to member 0's K, V only) with a
-  mask over member 0's tokens;
+  mask over member 0's tokens (``match_query=True``: foreground queries of the target to
+  the source's foreground, background to background, as ``MutualSelfAttentionControlMask``);
 * ConsiStory (Tewel et al. SIGGRAPH 2024; NVlabs/consistory ``consistory_attention_
   processor.py``, ``attention_store.py``: ``get_extended_attn_mask_instance``, mask
   dropout in ``aggregate_last_steps_attention``): each member attends to its own tokens and

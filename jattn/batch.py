@@ -15,10 +15,11 @@ Pipeline of one process:
    process index, :func:`split`); each process skips the requests already present in its
    completed shards (resume);
 3. its requests are bucketed by compiled structure (method, steps, size, CFG on/off,
-   scheduler, group size, method arguments) and cut into batches of ``batch_size``
-   requests per device; the batch axis is sharded over a ``("data",)`` mesh of the
-   process's devices, whole groups per device; the last batch is padded by repeating a
-   request (its outputs dropped);
+   scheduler, group size, method arguments) and cut into calls of ``batch_size`` requests
+   per device; the micro-batch axis is sharded over a ``("data",)`` mesh of the devices,
+   whole groups per device, and each device runs the sampler and the decode over its
+   micro-batches of ``micro_batch`` requests one after the other (``jax.lax.map`` inside
+   ``jax.shard_map``); the last call is padded by repeating a request (outputs dropped);
 4. outputs go to WebDataset tar shards ``shards/p{P:03d}-{N:06d}.tar`` (``{key}.png``,
    ``{key}.json``) written under a temporary name and renamed when complete, then the
    process's Parquet index ``index/p{P:03d}.parquet`` (request id → shard, key) is
@@ -32,18 +33,23 @@ exactly once.
 Multi-process: every process runs the same command; ``jax.distributed.initialize`` joins
 them (auto-detected on TPU/Slurm, or ``coordinator``/``num_processes``/``process_id``).
 With ``mesh="global"`` (default) every call is one program over the devices of all
-processes: the processes agree on the list of calls through the coordinator's key-value
-store (their to-do ids), each supplies only its own rows
+processes: the processes agree on the list of calls by exchanging their to-do lists
+(``multihost_utils.process_allgather`` of a mask over the job), each supplies only its own rows
 (``jax.make_array_from_process_local_data``) and reads back only its own images (the
 output's addressable shards): no all-gather of images. ``mesh="local"``: each process runs
 on its own devices. Either way each process writes only its own shards and index.
 
-Determinism: a request's images depend only on the request and on the per-device batch
-shape (``batch_size``): the same whatever the number of devices or processes, the order of
-the requests, the other requests of its batch and the resume history. XLA's CPU kernels
-round differently for different batch shapes (≤ 4e-5 in the latents of the tiny test
-model), so keep ``batch_size`` fixed across a job's restarts (it is recorded in
-``job.json`` and a restart with another value is refused).
+A process that dies is detected by JAX's coordination service (heartbeats,
+``heartbeat_timeout``) and the other processes are then terminated, so no survivor waits
+forever; a collective that loses its peer raises one clear error. Restart the same command
+on every process to resume.
+
+Determinism: a request's images depend only on the request and on ``micro_batch`` (the
+shapes every kernel sees): the same whatever ``batch_size``, the number of devices or
+processes, the order of the requests, the other requests of its call and the resume
+history — so a restart may change ``batch_size``. XLA's CPU kernels round differently for
+different batch shapes (≤ 4e-5 in the latents of the tiny test model), hence the fixed
+micro-batch (recorded in ``job.json``; a restart with another value is refused).
 """
 
 from __future__ import annotations
@@ -340,6 +346,7 @@ class BatchSettings:
     mesh: str = "global"     # several processes: "global" = one program over every
     #                          process's devices; "local" = each process on its own
     progress: bool = True
+    heartbeat_timeout: int = 100   # s: a dead process ends the others after this (JAX's default)
 
 
 def _resolved(r: Request, s: BatchSettings, pipe) -> dict:
@@ -776,8 +783,14 @@ class JobResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def _distributed(coordinator, num_processes, process_id):
-    """Join the job's processes (``jax.distributed.initialize``); ``(index, count)``."""
+def _distributed(coordinator, num_processes, process_id, heartbeat_timeout=100):
+    """Join the job's processes (``jax.distributed.initialize``); ``(index, count)``.
+
+    ``heartbeat_timeout`` (s): a process that stops sending heartbeats (killed, crashed,
+    host lost) is detected by the coordination service within this time and JAX then
+    terminates every other process of the job ("…the JAX distributed service detected
+    fatal errors…"), so the survivors of a killed job end instead of waiting forever;
+    restart the same command on every process to resume."""
     import jax
 
     explicit = coordinator is not None or num_processes is not None or process_id is not None
@@ -789,9 +802,10 @@ def _distributed(coordinator, num_processes, process_id):
             raise ValueError(f"--process-id {process_id}: must be in [0, {num_processes}).")
         if num_processes > 1:
             jax.distributed.initialize(coordinator_address=coordinator,
-                                       num_processes=num_processes, process_id=process_id)
+                                       num_processes=num_processes, process_id=process_id,
+                                       heartbeat_timeout_seconds=int(heartbeat_timeout))
     elif _cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=int(heartbeat_timeout))
     return jax.process_index(), jax.process_count()
 
 
@@ -803,47 +817,46 @@ def _cluster_detected() -> bool:
         int(env.get("SLURM_NTASKS", env.get("OMPI_COMM_WORLD_SIZE", "2")) or 2) > 1
 
 
-def _barrier(name: str, timeout_s: int = 24 * 3600) -> None:
-    import jax
+def _allgather(what: str, a: np.ndarray) -> np.ndarray:
+    """``a`` of every process, stacked ``(P, …)`` (``multihost_utils.process_allgather``:
+    public JAX, a collective over the devices; it also synchronises the processes).
 
-    if jax.process_count() < 2:
-        return
+    Raises:
+      RuntimeError: another process is gone (its connection closed); the completed shards
+        are kept.
+    """
+    from jax.experimental import multihost_utils
+
     try:
-        from jax._src import distributed
-
-        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
-    except Exception:  # noqa: BLE001 - fall back to a device-level sync
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _publish(key: str, value: dict) -> None:
-    import jax
-
-    if jax.process_count() < 2:
-        return
-    from jax._src import distributed
-
-    distributed.global_state.client.key_value_set(key, json.dumps(value))
+        return np.asarray(multihost_utils.process_allgather(a))
+    except Exception as e:  # noqa: BLE001 - a collective that lost a peer
+        first = " ".join(str(e).split())[:160]
+        raise RuntimeError(f"lost contact with another process of the job while exchanging "
+                           f"{what} ({first}); the completed shards are kept: restart the "
+                           "same command on every process to resume.") from None
 
 
-def _collect(key_fmt: str, n: int, timeout_s: int = 600) -> list[dict]:
-    from jax._src import distributed
-
-    c = distributed.global_state.client
-    return [json.loads(c.blocking_key_value_get(key_fmt.format(i), timeout_s * 1000))
-            for i in range(n)]
+def _allgather_json(what: str, value) -> list:
+    """A JSON value of every process, in process order (bytes padded to the longest)."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = _allgather(what, np.asarray([data.size], np.int64)).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:data.size] = data
+    rows = _allgather(what, buf)
+    return [json.loads(bytes(rows[i, :int(n)])) for i, n in enumerate(sizes)]
 
 
 def _global_schedule(requests, todo, buckets, resolved, proc, nproc, per_call):
     """The same list of calls on every process (the cross-process program runs in lock
-    step): each process's to-do ids travel through the coordinator's key-value store;
-    per bucket, call k takes rows ``k·L … (k+1)·L − 1`` of every process's to-do list
-    (L = ``per_call``), padded by repeating a request of the call (outputs dropped)."""
-    _publish(f"jattn_batch/todo/{proc}", {"ids": [r.id for r in todo]})
-    by_id = {r.id: r for r in requests}
-    todos = [[by_id[i] for i in d["ids"]] for d in _collect("jattn_batch/todo/{}", nproc)]
+    step): each process's to-do requests travel as a mask over the job's requests
+    (``process_allgather``); per bucket, call k takes rows ``k·L … (k+1)·L − 1`` of every
+    process's to-do list (L = ``per_call``), padded by repeating a request of the call
+    (outputs dropped)."""
+    pos = {r.id: i for i, r in enumerate(requests)}
+    mask = np.zeros(len(requests), np.uint8)
+    mask[[pos[r.id] for r in todo]] = 1
+    masks = _allgather("the to-do lists", mask)
+    todos = [[r for r, on in zip(requests, row) if on] for row in masks]
     keyed: dict[tuple, list[list[Request]]] = {}
     for p, rs in enumerate(todos):
         for r in sorted(rs, key=lambda r: r.id):
@@ -887,7 +900,8 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
                          f"--micro-batch {settings.micro_batch} (micro-batches run one after "
                          "the other on each device).")
     requests = read_job(job)                       # 1. the whole file, before any work
-    proc, nproc = _distributed(coordinator, num_processes, process_id)
+    proc, nproc = _distributed(coordinator, num_processes, process_id,
+                               settings.heartbeat_timeout)
 
     def log(msg):
         print(f"jattn batch [p{proc}]: {msg}", file=log_stream, flush=True)
@@ -1034,10 +1048,9 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
         f"{result.images_per_second / ndev:.3f} images/s per device ({ndev} device(s))")
 
     # 4. manifest (process 0, after every process)
-    _publish(f"jattn_batch/stats/{proc}", stats)
-    _barrier("jattn_batch_done")
+    # every process's figures (a collective: also the barrier before the manifest)
+    all_stats = _allgather_json("the final figures", stats) if nproc > 1 else [stats]
     if proc == 0:
-        all_stats = _collect("jattn_batch/stats/{}", nproc) if nproc > 1 else [stats]
         n_img = sum(s["images"] for s in all_stats)
         wall = time.time() - t_start
         manifest = dict(

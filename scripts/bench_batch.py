@@ -1,7 +1,8 @@
 """Benchmark of ``jattn batch`` (issue 14) against a plain diffusers torch loop, one run.
 
 Run:  python scripts/bench_batch.py [--requests 2000] [--steps 25] [--batch-size 8]
-                                    [--torch-batch 8] [--tune] [--skip-torch]
+                                    [--micro-batch 1] [--torch-batch 8] [--tune]
+                                    [--skip-torch] [--micro-cost]
 
 * jattn: writes N requests of the bundled model (prompts of its world, seeds 0..N-1,
   CFG 7.5, the checkpoint's scheduler) to a JSONL job and runs ``jattn batch`` in a
@@ -15,6 +16,10 @@ Run:  python scripts/bench_batch.py [--requests 2000] [--steps 25] [--batch-size
   numpy (``output_type="np"``), no files written.
 * ``--tune``: before the timed runs, each framework times a few batches at sizes 1, 4,
   8, 16 and keeps its fastest (images/s) for the timed run.
+
+* ``--micro-cost``: the cost of the fixed micro-batch (what makes images independent of
+  ``--batch-size``): the same job at ``--micro-batch 1`` and at ``--micro-batch`` =
+  ``--batch-size`` (one kernel call per device per call), steady images/s and CPU s/image.
 
 Prints one table; the ratio is jattn images/s ÷ diffusers images/s in the same run.
 """
@@ -67,14 +72,15 @@ def cpu_s(pid: int) -> float:
         return float("nan")
 
 
-def run_jattn(n: int, steps: int, batch_size: int, shard_size: int, work: Path) -> dict:
+def run_jattn(n: int, steps: int, batch_size: int, shard_size: int, work: Path,
+              micro_batch: int = 1) -> dict:
     job = work / f"job-{n}-{batch_size}.jsonl"
     job.write_text("".join(json.dumps({"id": f"{i:06d}", "prompt": p, "seed": i}) + "\n"
                            for i, p in enumerate(prompts(n))))
-    out = work / f"out-{n}-{batch_size}"
+    out = work / f"out-{n}-{batch_size}-{micro_batch}"
     cmd = [sys.executable, "-m", "jattn.cli", "batch", str(job), "--out-dir", str(out),
-           "--steps", str(steps), "--batch-size", str(batch_size), "--shard-size",
-           str(shard_size), "--no-progress"]
+           "--steps", str(steps), "--batch-size", str(batch_size), "--micro-batch",
+           str(micro_batch), "--shard-size", str(shard_size), "--no-progress"]
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples = []        # (time, rss MB, requests in completed shards)
@@ -148,6 +154,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=8, help="jattn requests per device")
+    ap.add_argument("--micro-batch", type=int, default=1,
+                    help="jattn requests per kernel call (a divisor of --batch-size)")
+    ap.add_argument("--micro-cost", action="store_true",
+                    help="only jattn: --micro-batch 1 vs --micro-batch = --batch-size")
     ap.add_argument("--torch-batch", type=int, default=8)
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads (1: on a machine shared with other jobs, "
@@ -159,6 +169,20 @@ def main() -> None:
     n = a.requests
     shard = a.shard_size or max(1, n // 20)
     work = Path(tempfile.mkdtemp(prefix="bench_batch-"))
+    if a.micro_cost:
+        res = {}
+        for mb in (1, a.batch_size):
+            r = run_jattn(n, a.steps, a.batch_size, shard, work, mb)
+            res[mb] = r
+            print(f"jattn batch {a.batch_size}, micro-batch {mb}: {r['images']} images in "
+                  f"{r['seconds']:.1f} s: {r['ips']:.3f} images/s incl. compile, "
+                  f"{r['steady_ips']:.3f} after the first shard; {r['steady_cpu']:.3f} CPU "
+                  "s/image after the first shard", flush=True)
+        one, full = res[1], res[a.batch_size]
+        print(f"micro-batch 1 / micro-batch {a.batch_size}: images/s (steady) "
+              f"{one['steady_ips'] / full['steady_ips']:.3f}, by CPU s/image "
+              f"{full['steady_cpu'] / one['steady_cpu']:.3f}")
+        return
     print(f"work dir {work}; {n} requests, {a.steps} steps, CFG 7.5, bundled model")
     tpipe = None if a.skip_torch else diffusers_pipe(a.torch_threads)
     jb, tb = a.batch_size, a.torch_batch
@@ -176,8 +200,9 @@ def main() -> None:
                 tbest[b] = run_torch(tpipe, prompts(2 * b), a.steps, b)["ips"]
                 print(f"  tune diffusers batch {b}: {tbest[b]:.3f} images/s")
             tb = max(tbest, key=tbest.get)
-    j = run_jattn(n, a.steps, jb, shard, work)
-    print(f"jattn batch   (batch {jb}/device, 1 device): {j['images']} images in "
+    j = run_jattn(n, a.steps, jb, shard, work, a.micro_batch)
+    print(f"jattn batch   (batch {jb}/device, micro-batch {a.micro_batch}, 1 device): "
+          f"{j['images']} images in "
           f"{j['seconds']:.1f} s (process wall {j['wall']:.1f} s): {j['ips']:.3f} images/s "
           f"incl. compile, {j['steady_ips']:.3f} images/s after the first shard; "
           f"{j['cpu'] / j['images']:.2f} CPU s/image incl. load + compile, "

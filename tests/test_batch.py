@@ -1,5 +1,6 @@
 """``jattn batch`` (issue 14): validation before work, bit-identical outputs over device
-and process counts, exactly-once after kill -9 and restart.
+and process counts and batch sizes, exactly-once after kill -9 (of one process of a
+single- or multi-process job) and restart.
 
 Every run is a subprocess with 4 virtual CPU devices (``--xla_force_host_platform_device_
 count=4``): XLA's CPU client compiles slightly different kernels for different virtual
@@ -104,19 +105,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_devices_processes_and_kill9_resume_are_bit_identical(tiny_sd_dir, tmp_path):
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir, tmp_path_factory):
+    """The single-device run (``--num-devices 1 --batch-size 1``) of ``JOB``: its outputs."""
+    d = tmp_path_factory.mktemp("batch_ref")
+    job = _write_job(d / "job.jsonl", JOB)
+    r = subprocess.run(_cmd(job, d / "ref", tiny_sd_dir, "--num-devices", "1"), env=_env(),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _check_complete(d / "ref")
+
+
+def test_devices_processes_batch_sizes_and_kill9_resume_are_bit_identical(
+        tiny_sd_dir, tmp_path, reference):
     job = _write_job(tmp_path / "job.jsonl", JOB)
     env = _env()
-    # all at once: the reference (1 device), the 2-process job (one program over both
-    # processes' devices, inputs by jax.make_array_from_process_local_data) and a
-    # 4-device job that is killed with SIGKILL after its first completed shard
+    # at once: the 2-process job (one program over both processes' devices, inputs by
+    # jax.make_array_from_process_local_data; batch size 2) and a 4-device job (batch size
+    # 1) that is killed with SIGKILL after its first completed shard and restarted with
+    # --batch-size 2: the union of the outputs of its two batch sizes must be the
+    # reference, bit for bit (micro-batches of 1 request whatever the batch size)
     pipe = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ref = subprocess.Popen(_cmd(job, tmp_path / "ref", tiny_sd_dir, "--num-devices", "1"),
-                           **pipe)
     port = _free_port()
     procs = [subprocess.Popen(_cmd(job, tmp_path / "mp", tiny_sd_dir, "--num-devices", "2",
-                                   "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                                   "2", "--process-id", str(i)), **pipe) for i in range(2)]
+                                   "--batch-size", "2", "--coordinator",
+                                   f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)), **pipe) for i in range(2)]
     out = tmp_path / "k"
     cmd = _cmd(job, out, tiny_sd_dir, "--num-devices", "4")
     k = subprocess.Popen(cmd, **pipe)
@@ -130,13 +144,13 @@ def test_devices_processes_and_kill9_resume_are_bit_identical(tiny_sd_dir, tmp_p
     assert not (out / "manifest.json").exists()
     partial = _outputs(out)
     assert 0 < len(partial) < IMAGES
-    restart = subprocess.Popen(cmd, **pipe)          # the same command resumes
-    for p in [ref, *procs, restart]:
+    cmd2 = cmd + ["--batch-size", "2"]               # the same job, another batch size
+    restart = subprocess.Popen(cmd2, **pipe)
+    for p in [*procs, restart]:
         log, _ = p.communicate(timeout=900)
         assert p.returncode == 0, log[-3000:]
         if p is restart:
             assert "resuming" in log, log[-2000:]
-    reference = _check_complete(tmp_path / "ref")
     multi = _check_complete(tmp_path / "mp")
     # each process wrote only its own shards and index
     for i in range(2):
@@ -148,10 +162,63 @@ def test_devices_processes_and_kill9_resume_are_bit_identical(tiny_sd_dir, tmp_p
     _same(reference, resumed)
     for key in partial:                               # what was done was not redone
         np.testing.assert_array_equal(partial[key][0], resumed[key][0])
-    # a third run finds everything done and generates nothing
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # a third run (yet another batch size) finds everything done and generates nothing
+    r = subprocess.run(cmd + ["--batch-size", "4"], env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0 and "done: 0 requests" in r.stderr, r.stderr[-2000:]
     _same(reference, _check_complete(out))
+
+
+@pytest.mark.slow
+def test_kill9_of_one_process_then_restart_of_both_is_exactly_once(tiny_sd_dir, tmp_path,
+                                                                   reference):
+    """2 ``jax.distributed`` processes; process 1 gets SIGKILL after its first shard: the
+    survivor ends by itself (heartbeat timeout, no hang), the same command restarted on
+    both processes completes the job, every request once, bit-identical to one device."""
+    job = _write_job(tmp_path / "job.jsonl", JOB)
+    pipe = dict(env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "mp"
+    port = _free_port()
+    cmds = [_cmd(job, out, tiny_sd_dir, "--num-devices", "1", "--coordinator",
+                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                 "--heartbeat-timeout", "10") for i in range(2)]
+    procs = [subprocess.Popen(c, **pipe) for c in cmds]
+    t0 = time.time()
+    while not list((out / "shards").glob("p001-*.tar")) and procs[1].poll() is None \
+            and time.time() - t0 < 900:
+        time.sleep(0.05)
+    assert procs[1].poll() is None, "process 1 ended before it could be killed"
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].communicate()
+    t_kill = time.time()
+    log0, _ = procs[0].communicate(timeout=300)      # the survivor must not hang
+    waited = time.time() - t_kill
+    assert procs[0].returncode != 0, log0[-2000:]
+    assert "another task died" in log0 or "lost contact with another process" in log0, \
+        log0[-2000:]
+    assert not (out / "manifest.json").exists()
+    partial = _outputs(out)
+    assert 0 < len(partial) < IMAGES
+    procs = [subprocess.Popen(c, **pipe) for c in cmds]   # the same commands, both
+    for p in procs:
+        log, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, log[-3000:]
+        assert "resuming" in log, log[-2000:]
+    resumed = _check_complete(out)
+    _same(reference, resumed)
+    for key in partial:
+        np.testing.assert_array_equal(partial[key][0], resumed[key][0])
+    print(f"survivor ended {waited:.1f} s after the kill")
+
+
+def test_batch_size_must_be_a_multiple_of_the_micro_batch(tmp_path, capsys):
+    job = _write_job(tmp_path / "job.jsonl", JOB[:1])
+    out = tmp_path / "out"
+    assert main(["batch", str(job), "--out-dir", str(out), "--batch-size", "3",
+                 "--micro-batch", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 3" in err and "--micro-batch 2" in err, err
+    assert not out.exists()
 
 
 BAD = [

@@ -38,6 +38,11 @@ def register(sub, edit_sub=None) -> None:
                    help="jax.distributed coordinator (default: auto-detected on TPU/Slurm)")
     p.add_argument("--num-processes", type=int_type(1, 1 << 20), default=None)
     p.add_argument("--process-id", type=int_type(0, 1 << 20), default=None)
+    p.add_argument("--heartbeat-timeout", type=int_type(1, 86400), default=100,
+                   metavar="S",
+                   help="several processes: a process that stops sending heartbeats (killed, "
+                        "crashed) ends the others after S seconds (default 100, JAX's); "
+                        "restart the same command on every process to resume")
     p.add_argument("--mesh", choices=["global", "local"], default="global",
                    help="several processes: one program over every process's devices "
                         "(global, default) or each process on its own devices (local)")
@@ -58,7 +63,8 @@ def cmd_batch(args) -> int:
                       shard_size=args.shard_size, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       model=args.model, dtype=args.dtype, num_devices=args.num_devices,
-                      progress=not args.no_progress, mesh=args.mesh)
+                      progress=not args.no_progress, mesh=args.mesh,
+                      heartbeat_timeout=args.heartbeat_timeout)
     run_job(args.job, s, coordinator=args.coordinator, num_processes=args.num_processes,
             process_id=args.process_id)
     return 0

@@ -153,6 +153,16 @@ CASES = [
     (LAY + T + OUT + ["--box", "red circle=8,0,4,8"], "x1 > x0"),
     (LAY + T + OUT + ["--box", "dog=0,0,8,8"], "--box: 'dog' is not in"),
     (LAY + T + OUT + ["--box", "red circle 0,0,8,8"], "PHRASE=x0,y0,x1,y1"),
+    # --- layout --method bounded (Bounded Attention; overlapping boxes are accepted: a
+    # pixel in two boxes belongs to both subjects until the masks are refined)
+    (LAY + T + OUT + ["--method", "bounded"], "--box: bounded needs at least one box"),
+    (LAY + T + OUT + ["--method", "bounded", "--box", "red circle=0,0,8,17"], "--box[0]: box"),
+    (LAY + T + OUT + ["--method", "bounded", "--box", "red circle=8,0,4,8"], "x1 > x0"),
+    (LAY + T + OUT + ["--method", "bounded", "--box", "dog=0,0,8,8"], "--box: 'dog' is not in"),
+    (LAY + T + OUT + ["--method", "bounded", "--box", "square=0,0,8,8", "--box",
+                      "square=8,8,16,16"], "--box: 2 boxes for 'square'"),
+    (LAY + T + OUT + ["--method", "bounded", "--box", "square=0,0,8,8", "--excite", "square"],
+     "--excite: only --method attend-excite"),
 ]
 
 

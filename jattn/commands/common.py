@@ -12,6 +12,7 @@ argument's name for user mistakes; ``tests/test_bad_input.py`` holds one row per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from jattn.io.outputs import OutputDir
 __all__ = ["Parser", "int_type", "float_type", "STEPS", "SEED", "SIZE", "GUIDANCE",
            "FRACTION", "add_model_args", "add_out_args", "add_sampling_args", "load_pipeline",
            "arguments", "save_grid", "write_outputs", "seeds_for", "load_npy", "read_image", "SCHEDULERS",
-           "MAX_SEED", "OutputDir"]
+           "MAX_SEED", "OutputDir", "renamed_errors", "need_values"]
 
 SCHEDULERS = ["ddim", "ddpm", "euler", "euler-ancestral", "euler-karras", "dpm++2m",
               "dpm++2m-karras"]  # = jattn.sampling.schedulers.SCHEDULER_NAMES
@@ -164,3 +165,24 @@ def write_outputs(out: OutputDir, images, labels: list[str], result: dict) -> li
         print(f"{p}\t{label}")
     return paths
 
+
+
+@contextlib.contextmanager
+def renamed_errors(names: dict[str, str]):
+    """Re-raise a ``ValueError`` of the API with its argument names replaced by the
+    command's options (``{"boxes": "--box"}``): one message naming what the user typed."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        for api, cli in names.items():
+            msg = msg.replace(api, cli)
+        raise ValueError(msg) from None
+
+
+def need_values(values, arg: str, what: str) -> list:
+    """``values`` as a list, or a ``ValueError`` naming ``arg`` when there is none."""
+    out = list(values or [])
+    if not out:
+        raise ValueError(f"{arg}: {what}")
+    return out

@@ -14,36 +14,33 @@ from __future__ import annotations
 import time
 
 from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args, arguments,
-                                   float_type, int_type, load_pipeline, seeds_for, write_outputs)
+                                   float_type, int_type, load_pipeline, need_values,
+                                   renamed_errors, seeds_for, write_outputs)
 
 
 def cmd_excite(args) -> int:
-    from jattn.methods.excite import attend_and_excite, excite_guidance
+    from jattn.methods.excite import excite_guidance
 
     prompts = list(args.prompt)
-    phrases = list(args.excite or [])
-    if not phrases:
-        raise ValueError("--excite: give at least one phrase of the prompt to excite, e.g. "
-                         "--excite circle --excite square")
+    phrases = need_values(args.excite, "--excite", "give at least one phrase of the prompt to "
+                          "excite, e.g. --excite circle --excite square")
     seeds = seeds_for(args, len(prompts))
     out = OutputDir(args.out_dir, overwrite=args.overwrite)
     out.reserve(*OutputDir.image_names(len(prompts)), "grid.png")
     pipe = load_pipeline(args)
     excite = [phrases for _ in prompts]
-    try:  # checks every phrase/argument before any compute
-        excite_guidance(pipe, prompts, excite, num_inference_steps=args.steps,
-                        attn_res=args.attn_res, token_span=args.token_span)
-    except ValueError as e:
-        raise ValueError(str(e).replace("excite:", "--excite:")
-                         .replace("attn_res=", "--attn-res ")) from None
     t0 = time.perf_counter()
-    res = attend_and_excite(pipe, prompts, excite, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance_scale, seed=seeds,
+    # built once: checks every phrase/argument before any compute, then runs
+    with renamed_errors({"excite:": "--excite:", "attn_res=": "--attn-res "}):
+        g = excite_guidance(pipe, prompts, excite, num_inference_steps=args.steps,
                             scale_factor=args.scale_factor, attn_res=args.attn_res,
                             token_span=args.token_span)
+    res = pipe.generate(prompts, num_inference_steps=args.steps,
+                        guidance_scale=args.guidance_scale, seed=seeds, guidance=g)
     seconds = time.perf_counter() - t0
-    write_outputs(out, res.images, prompts, dict(command="excite", arguments=arguments(args), seeds=seeds,
-                    prompts=prompts, excite=phrases, model=pipe.source, seconds=seconds))
+    write_outputs(out, res.images, prompts, dict(
+        command="excite", arguments=arguments(args), seeds=seeds, prompts=prompts,
+        excite=phrases, model=pipe.source, seconds=seconds))
     return 0
 
 

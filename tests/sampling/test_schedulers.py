@@ -629,8 +629,8 @@ def test_karras_sdxl_config_parity(name, monkeypatch):
     ref.set_timesteps(30)
     np.testing.assert_allclose(np.asarray(S.make_schedule(cfg, 30).sigmas),
                                ref.sigmas.numpy(), rtol=1e-6)
-    for n in (10, 30):
-        _step_parity(cfg, n, monkeypatch)
+    worst = max(_step_parity(cfg, n, monkeypatch) for n in (10, 30))
+    print(f"{name} (SDXL config): worst relative error {worst:.3g}")
 
 
 def test_scheduler_names():

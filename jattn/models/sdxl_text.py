@@ -106,8 +106,18 @@ def sdxl_text_embeddings(params: Mapping[str, Any], ids: Array | None, ids_2: Ar
     return jnp.concatenate(states, axis=-1), out2["text_embeds"]
 
 
-_jitted = jax.jit(sdxl_text_embeddings,
-                  static_argnames=("config", "config_2", "clip_skip", "dtype"))
+# How many times encode_prompt_sdxl's compiled program was traced (tests check that new
+# prompts of the same batch size never recompile).
+trace_count = 0
+
+
+def _traced(*args, **kwargs):
+    global trace_count
+    trace_count += 1
+    return sdxl_text_embeddings(*args, **kwargs)
+
+
+_jitted = jax.jit(_traced, static_argnames=("config", "config_2", "clip_skip", "dtype"))
 
 
 def _prompt_list(value, name: str, batch: int | None) -> list[str]:

@@ -105,7 +105,8 @@ def test_encode_prompt_matches_diffusers(sdxl_text, case):
     by default), with prompt_2/negative_prompt_2 and clip_skip, match diffusers'
     StableDiffusionXLPipeline.encode_prompt (fp32, max-abs <= 1e-5). Fails if the hidden
     layer, the concatenation order, the pooled encoder, the "!" padding of tokenizer_2 or
-    a default of the prompt arguments differs from diffusers."""
+    a default of the prompt arguments differs from diffusers. Also: batch-vs-single
+    identity, and new prompts of the same batch size do not retrace the encoders."""
     pipe, ours = sdxl_text
     kw = dict(CASES[case])
     force = kw.pop("force_zeros_for_empty_prompt", True)
@@ -119,6 +120,13 @@ def test_encode_prompt_matches_diffusers(sdxl_text, case):
     _compare(ref, got, case)
     if case == "zeros-for-empty":
         assert not np.any(np.asarray(got.negative_prompt_embeds))
+        # new prompts and negative prompts of the same batch size never recompile
+        from jattn.models import sdxl_text
+
+        before = sdxl_text.trace_count
+        encode_prompt_sdxl(**ours, prompt=["a cat", "a dog"], prompt_2="an owl",
+                           negative_prompt=["ugly", "bad"])
+        assert sdxl_text.trace_count == before
         # batch-vs-single: prompt 1 alone encodes as inside the batch
         one = encode_prompt_sdxl(**ours, prompt=PROMPTS[1])
         np.testing.assert_allclose(np.asarray(one.prompt_embeds)[0],

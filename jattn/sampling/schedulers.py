@@ -738,7 +738,8 @@ def _build_euler_ancestral(c, ac, n_req):
                             final_sigmas_type="zero"), ac, n_req)
     s_from, s_to = sigmas[:-1], sigmas[1:]
     sigma_up = np.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
-    sigma_down = np.sqrt(s_to * s_to - sigma_up * sigma_up)
+    # >= 0 mathematically (s_to^2 * s_to^2 / s_from^2); clamp float rounding (diffusers: NaN)
+    sigma_down = np.sqrt(np.maximum(s_to * s_to - sigma_up * sigma_up, _f32(0.0)))
     coef = dict(coef, dt=sigma_down - s_from, sigma_up=sigma_up)
     return ts, sigmas, 1.0, init_sigma, coef
 

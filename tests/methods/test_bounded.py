@@ -137,6 +137,20 @@ def test_bad_inputs(jpipe):
                    [[(0, 0, 10, 10), (6, 6, 16, 16)]], 16, 16)
 
 
+def test_no_boxes_or_zero_steps_add_nothing(jpipe):
+    """No box: no policy and no guidance (generate runs the plain program); zero step sizes:
+    no guidance program."""
+    from jattn.methods.bounded import bounded_policy
+
+    assert bounded_policy(jpipe, [PROMPT], [[]], [[]]) is None
+    assert bounded_guidance(jpipe, [PROMPT], [[]], [[]]) is None
+    assert bounded_guidance(jpipe, [PROMPT], [["square"]], [[(0, 0, 8, 8)]],
+                            init_step_size=0.0, final_step_size=0.0) is None
+    assert bounded_guidance(jpipe, [PROMPT], [["square"]], [[(0, 0, 8, 8)]],
+                            num_guidance_steps=0) is None
+
+
+@pytest.mark.slow
 def test_no_boxes_is_plain_generation(jpipe):
     plain = jpipe.generate([PROMPT], num_inference_steps=2, seed=3)
     out = bounded_generate(jpipe, PROMPT, [], [], num_inference_steps=2, seed=3,
@@ -220,3 +234,24 @@ def test_composes_with_prompt_to_prompt(jpipe):
     np.testing.assert_allclose(both.latents[0], alone.latents[0], atol=1e-5)
     assert np.abs(both.latents[0] - plain.latents[0]).max() > 1e-4
     assert np.abs(both.latents[1] - alone.latents[1]).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_cli_bounded_writes_masks(tiny_sd_dir, tmp_path):
+    """`jattn layout --method bounded`: images, result.json with the boxes and the final
+    masks (lists per prompt and phrase, and masks.npy)."""
+    import json
+
+    from jattn.cli import main
+
+    rc = main(["layout", "--method", "bounded", "--model", str(tiny_sd_dir), "--steps", "2",
+               "--prompt", PROMPT, "--box", "red circle=0,0,0.5,0.5",
+               "--box", "square=0.5,0.5,1,1", "--out-dir", str(tmp_path / "b")])
+    assert rc == 0
+    res = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert res["files"] == ["000.png", "masks.npy", "result.json"]
+    assert res["boxes"] == {"red circle": [0, 0, 0.5, 0.5], "square": [0.5, 0.5, 1, 1]}
+    m = np.load(tmp_path / "b" / "masks.npy")
+    assert m.shape == (1, 2, 8, 8)
+    np.testing.assert_array_equal(np.asarray(res["masks"][0]["square"]), m[0, 1])
+    assert m[0, 0, :4, :4].all() and not m[0, 0, 4:].any()

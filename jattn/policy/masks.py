@@ -55,7 +55,8 @@ from jattn.policy.kmeans import kmeans
 Array = jax.Array
 
 __all__ = ["NEG", "box_regions", "resize_nearest_exact", "cross_blocked", "self_blocked",
-           "SubjectMask", "MaskRefine", "refine_masks", "assign_clusters", "normalize_maps", "final_masks"]
+           "SubjectMask", "MaskRefine", "refine_masks", "assign_clusters", "normalize_maps",
+           "final_masks"]
 
 NEG = float(np.finfo(np.float32).min)
 EPS = 1e-5  # the reference's BoundedAttention.EPSILON

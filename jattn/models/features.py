@@ -9,6 +9,10 @@ static points, each described by a :class:`FeatureSite` named by its diffusers p
 kind                    path (diffusers module)                      value ``x``
 ======================  ===========================================  ==================
 ``"resnet"``            ``up_blocks.1.resnets.1``                    the block's output
+``"resnet_residual"``   ``up_blocks.1.resnets.1.conv2``              the residual branch
+                                                                     (conv2's output,
+                                                                     before the shortcut
+                                                                     is added)
 ``"group_norm"``        ``up_blocks.1.resnets.1.norm1`` / ``.norm2``, the norm's input
                         ``up_blocks.1.attentions.0.norm``,           (see below)
                         ``conv_norm_out``
@@ -54,7 +58,7 @@ Array = jax.Array
 __all__ = ["FeatureSite", "FEATURE_KINDS", "feature_seam", "group_norm_stats",
            "group_normalize", "FeatureSiteRecorder"]
 
-FEATURE_KINDS = ("resnet", "group_norm", "backbone", "skip")
+FEATURE_KINDS = ("resnet", "resnet_residual", "group_norm", "backbone", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +77,7 @@ class FeatureSite:
     """
 
     path: str
-    kind: Literal["resnet", "group_norm", "backbone", "skip"]
+    kind: Literal["resnet", "resnet_residual", "group_norm", "backbone", "skip"]
     resolution: tuple[int, int]
     channels: int
     block: str = ""

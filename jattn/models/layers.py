@@ -145,8 +145,9 @@ class ResnetBlock2D(nn.Module):
 
     Feature seam: when ``site_path`` is set (the UNet), the call takes ``(x, temb, policy,
     step)`` and returns ``(out, aux)``: ``norm1``/``norm2`` are ``group_norm`` sites
-    ``{site_path}.norm1``/``.norm2`` and the output is the ``resnet`` site ``site_path``
-    (:mod:`jattn.models.features`). Without ``site_path`` (the VAE) it returns ``out``.
+    ``{site_path}.norm1``/``.norm2``, ``conv2``'s output (the residual branch before the
+    shortcut is added) is the ``resnet_residual`` site ``{site_path}.conv2`` and the output
+    is the ``resnet`` site ``site_path`` (:mod:`jattn.models.features`). Without ``site_path`` (the VAE) it returns ``out``.
 
     Args (call): x ``(B, h, w, in_channels)``; temb ``(B, temb_channels)`` or ``None``
       (must be ``None`` iff ``temb_channels`` is ``None``).
@@ -193,6 +194,9 @@ class ResnetBlock2D(nn.Module):
         h = norm("norm2", self.groups_out or self.groups, h)
         h = nn.silu(h)
         h = Conv2d(out_channels, 3, dtype=self.dtype, name="conv2")(h)
+        if sp is not None:  # the residual branch before the shortcut add (PnP's feature)
+            h, a = feature_point(f"{sp}.conv2", "resnet_residual", h, policy, step, self.block)
+            aux.update(a)
         if self.in_channels != out_channels:
             x = Conv2d(out_channels, 1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
         out = x.astype(self.dtype) + h

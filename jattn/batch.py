@@ -497,6 +497,8 @@ def _global_mesh(num_devices: int | None):
     return jax.sharding.Mesh(np.array([d for ds in per for d in ds[:n]]), ("data",)), n
 
 
+# compiled programs and replicated params per (pipeline, mesh); a program's closure holds
+# its pipeline, so an id() here is never reused by another pipeline while cached
 _PROGRAMS: dict = {}
 
 
@@ -591,7 +593,7 @@ def _program(pipe, mesh, res: dict, p2p: bool):
     do_cfg = res["guidance_scale"] > 1.0
     f = pipe.vae_scale_factor
     hwc = (res["height"] // f, res["width"] // f, pipe.unet_config.in_channels)
-    key = (id(pipe), id(mesh), do_cfg, p2p, hwc)
+    key = (id(pipe), mesh, do_cfg, p2p, hwc)
     if key in _PROGRAMS:
         return _PROGRAMS[key]
     run = pipe.sampler_program(do_cfg)
@@ -633,7 +635,7 @@ def _sample_call(pipe, mesh, rows: list[Request], res: dict, micro_batch: int,
             lambda a: jax.make_array_from_process_local_data(sharding, a), items)
     else:
         items = jax.device_put(items, sharding)
-    ck = ("params", id(pipe), id(mesh))
+    ck = ("params", id(pipe), mesh)
     if ck not in _PROGRAMS:
         _PROGRAMS[ck] = (_replicate(pipe.params["unet"], mesh),
                          _replicate(pipe.params["vae"], mesh))

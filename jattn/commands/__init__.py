@@ -6,3 +6,4 @@ subparser to ``sub`` (``jattn NAME``) or to ``edit_sub`` (``jattn edit NAME``) a
 """
 
 MODULES: tuple[str, ...] = ("mix", "cross_image", "segment", "batch", "excite", "layout")
+MODULES += ("masactrl", "pnp")

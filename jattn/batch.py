@@ -334,8 +334,10 @@ class BatchSettings:
     """Job-wide settings (defaults for the requests, batching, output)."""
 
     out_dir: str
-    batch_size: int = 4          # requests (groups) per device per compiled call
-    micro_batch: int = 1         # requests (groups) per kernel call: the compiled shapes
+    batch_size: int = 4          # requests (groups) per device per compiled call; may
+    #                              change between restarts (images do not depend on it)
+    micro_batch: int = 1         # requests (groups) per kernel call (the compiled shapes;
+    #                              images depend on it); batch_size is a multiple of it
     shard_size: int = 256        # requests per shard
     steps: int = 50
     guidance_scale: float = 7.5
@@ -889,7 +891,10 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
     Raises:
       ValueError: a malformed job line (``FILE:LINE: …``), an unknown method or argument,
         a setting the model refuses (size, prompt over 77 tokens, naming the line), a
-        distributed-flag mistake — all before anything is written.
+        distributed-flag mistake, ``batch_size`` not a multiple of ``micro_batch`` — all
+        before anything is written.
+      RuntimeError: several processes: another process of the job is gone (a collective
+        lost its peer); completed shards are kept, restart the same command to resume.
       OutputDirError: ``--out-dir`` is a file, not writable, holds foreign files or
         another job.
     """

@@ -163,6 +163,28 @@ CASES = [
                       "square=8,8,16,16"], "--box: 2 boxes for 'square'"),
     (LAY + T + OUT + ["--method", "bounded", "--box", "square=0,0,8,8", "--excite", "square"],
      "--excite: only --method attend-excite"),
+    # --- edit masactrl (MasaCtrl)
+    (["edit", "masactrl", "--prompt", "a red circle", "--steps", "2"] + T + OUT, "--target"),
+    (["edit", "masactrl", "--prompt", "a red circle", "--target", "a red circle on the left",
+      "--steps", "2", "--start-step", "1.5"] + T + OUT, "--start-step"),
+    (["edit", "masactrl", "--prompt", "a red circle", "--target", "a red circle on the left",
+      "--steps", "2", "--start-layer", "-0.5"] + T + OUT, "--start-layer"),
+    (["edit", "masactrl", "--prompt", "a red circle", "--target", "a red circle on the left",
+      "--steps", "2", "--variant", "mask", "--mask-source", "{d}/photo.png", "--mask-target",
+      "{d}/photo.png"] + T + OUT, "--mask-source: mask of shape (32, 32)"),
+    (["edit", "masactrl", "--prompt", "a red circle", "--target", "a red circle on the left",
+      "--steps", "2", "--image", "{d}/notes.txt"] + T + OUT, "not a readable image"),
+    (["edit", "masactrl", "--prompt", "a red circle", "--target", "a red circle on the left",
+      "--steps", "2", "--variant", "auto-mask", "--token", "dog"] + T + OUT,
+     "--token: 'dog' is not a word"),
+    # --- edit pnp (Plug-and-Play)
+    (["edit", "pnp", "--prompt", "a red circle", "--steps", "2"] + T + OUT, "--target"),
+    (["edit", "pnp", "--prompt", "a red circle", "--target", "a blue circle", "--steps", "2",
+      "--attn-fraction", "1.5"] + T + OUT, "--attn-fraction"),
+    (["edit", "pnp", "--prompt", "a red circle", "--target", "a blue circle", "--steps", "2",
+      "--feature-fraction", "-0.1"] + T + OUT, "--feature-fraction"),
+    (["edit", "pnp", "--image", "{d}/notes.txt", "--target", "a blue circle", "--steps", "2"]
+     + T + OUT, "not a readable image"),
 ]
 
 

@@ -236,6 +236,8 @@ def _mask_array(mask, name: str, pipe, height, width) -> np.ndarray:
         a = a / 255.0
     if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
         raise ValueError(f"{name}: mask values must be in [0, 1] (or 0..255)")
+    if a.shape == (hh, ww):  # to the latent grid (f×f block means): one compiled shape
+        a = a.reshape(hh // f, f, ww // f, f).mean(axis=(1, 3))
     return a
 
 

@@ -129,6 +129,8 @@ CASES = [
     (["batch", "{d}/missing.jsonl"] + OUT, "no such file"),
     (["batch", "{d}/job_ok.jsonl", "--out-dir", "{d}/user"], "not empty"),
     (["batch", "{d}/job_ok.jsonl", "--coordinator", "localhost:1"] + OUT, "go together"),
+    (["batch", "{d}/job_ok.jsonl", "--batch-size", "3", "--micro-batch", "2"] + OUT,
+     "must be a multiple of --micro-batch 2"),
     # --- argparse itself: one line too
     (["generate", "--prompt", "x"], "--out-dir"),
     (["nonsense"], "invalid choice"),
@@ -185,6 +187,26 @@ CASES = [
       "--feature-fraction", "-0.1"] + T + OUT, "--feature-fraction"),
     (["edit", "pnp", "--image", "{d}/notes.txt", "--target", "a blue circle", "--steps", "2"]
      + T + OUT, "not a readable image"),
+    # --- style-aligned (StyleAligned)
+    (["style-aligned", "--steps", "2", "--prompt", "a red circle"] + T + OUT,
+     "--prompt: a group of one"),
+    (["style-aligned", "--steps", "2", "--prompt", "a red circle", "--reference-image",
+      "{d}/notes.txt", "--reference-prompt", "a blue square"] + T + OUT,
+     "not a readable image"),
+    (["style-aligned", "--steps", "2", "--prompt", "a red circle", "--reference-image",
+      "{d}/missing.png", "--reference-prompt", "a blue square"] + T + OUT, "no such file"),
+    (["style-aligned", "--steps", "2", "--prompt", "a red circle", "--reference-image",
+      "{d}/photo.png"] + T + OUT, "--reference-prompt"),
+    (["style-aligned", "--steps", "2", "--prompt", "a", "--prompt", "b",
+      "--reference-prompt", "c"] + T + OUT, "--reference-prompt"),
+    (["style-aligned", "--steps", "2", "--prompt", "a", "--prompt", "b", "--window", "0.5",
+      "1.5"] + T + OUT, "--window"),
+    (["style-aligned", "--steps", "2", "--prompt", "a", "--prompt", "b", "--window", "0.6",
+      "0.5"] + T + OUT, "--window"),
+    (["style-aligned", "--steps", "2", "--prompt", "a", "--reference-image", "{d}/photo.png",
+      "--reference-prompt", "b", "--offset", "5"] + T + OUT, "--offset"),
+    (["style-aligned", "--steps", "2", "--prompt", "a", "--prompt", "b", "--freeu", "sd9"]
+     + T + OUT, "--freeu"),
 ]
 
 

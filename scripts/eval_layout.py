@@ -29,7 +29,7 @@ not found fails every figure.
 
   python scripts/eval_layout.py [--methods baseline,layout,bounded,excite]
       [--figures excite2,excite3,boxes,binding] [--n 48] [--steps 50] [--batch 8]
-      [--attn-res N] [--out runs/eval_layout.json]
+      [--attn-res N] [--layout-kw JSON] [--bounded-kw JSON] [--out runs/eval_layout.json]
 
 Methods: baseline (plain generation), excite (Attend-and-Excite, jattn.methods.excite),
 layout (layout guidance, jattn.methods.layout), bounded (Bounded Attention,
@@ -210,7 +210,8 @@ def _bounded():
     return bounded_generate
 
 
-def run_method(pipe, method, cases, steps, batch, attn_res=None, progress=True):
+def run_method(pipe, method, cases, steps, batch, attn_res=None, progress=True,
+               method_kw=None):
     """Images of ``cases`` (seed of case i = i) by ``method``, in fixed-size batches."""
     images = []
     for s in range(0, len(cases), batch):
@@ -230,10 +231,11 @@ def run_method(pipe, method, cases, steps, batch, attn_res=None, progress=True):
 
             out = layout_generate(pipe, prompts, [c["phrases"] for c in pad],
                                   [c["boxes"] for c in pad], num_inference_steps=steps,
-                                  seed=seeds)
+                                  seed=seeds, **(method_kw or {}).get("layout", {}))
         elif method == "bounded":
             out = _bounded()(pipe, prompts, [c["phrases"] for c in pad],
-                             [c["boxes"] for c in pad], num_inference_steps=steps, seed=seeds)
+                             [c["boxes"] for c in pad], num_inference_steps=steps, seed=seeds,
+                             **(method_kw or {}).get("bounded", {}))
         else:
             raise ValueError(f"unknown method {method!r}")
         images.extend(np.asarray(out.images)[:len(chunk)])
@@ -277,6 +279,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--attn-res", type=int, default=None, help="Attend-and-Excite attn_res")
+    ap.add_argument("--layout-kw", default="{}",
+                    help='JSON keyword arguments of layout_generate, e.g. \'{"max_index_step": 20}\'')
+    ap.add_argument("--bounded-kw", default="{}",
+                    help='JSON keyword arguments of bounded_generate (ablations), e.g. '
+                         '\'{"num_guidance_steps": 0}\'')
     ap.add_argument("--out", default=None, help="JSON file with every figure and row")
     ap.add_argument("--save-images", default=None, help="folder for the images (npz per run)")
     a = ap.parse_args(argv)
@@ -291,13 +298,17 @@ def main(argv=None):
     if "bounded" in methods and _bounded() is None:
         print("note: jattn.methods.bounded not importable: Bounded Attention rows skipped")
         methods.remove("bounded")
+    try:
+        method_kw = {"layout": json.loads(a.layout_kw), "bounded": json.loads(a.bounded_kw)}
+    except json.JSONDecodeError as e:
+        ap.error(f"--layout-kw/--bounded-kw: not JSON ({e}); give e.g. '{{\"num_guidance_steps\": 0}}'")
     pipe = jattn.load()
     case_sets = {"excite2": two_object_cases(a.n), "excite3": three_object_cases(a.n),
                  "boxes": two_object_cases(a.n, with_boxes=True), "binding": binding_cases(a.n)}
     results = {"settings": dict(steps=a.steps, n=a.n, batch=a.batch, guidance_scale=7.5,
                                 scheduler=pipe.default_scheduler if hasattr(
                                     pipe, "default_scheduler") else "default",
-                                attn_res=a.attn_res, iou_min=IOU_MIN, seeds="case i: seed i",
+                                attn_res=a.attn_res, iou_min=IOU_MIN, method_kw=method_kw, seeds="case i: seed i",
                                 model=getattr(pipe, "source", "")),
                "figures": {}, "rows": {}, "timing_s_per_image": {}}
     t_all = time.time()
@@ -315,7 +326,8 @@ def main(argv=None):
             if m in ("baseline", "excite") and key in done:  # no boxes: same images
                 imgs = done[key]
             else:
-                imgs = run_method(pipe, m, cs, a.steps, a.batch, a.attn_res)
+                imgs = run_method(pipe, m, cs, a.steps, a.batch, a.attn_res,
+                                  method_kw=method_kw)
                 done[key] = imgs
             dt = time.time() - t0
             results["timing_s_per_image"][f"{fig}/{m}"] = dt / len(cs)

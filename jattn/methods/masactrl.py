@@ -132,10 +132,11 @@ def masactrl_policy(
     token_weights: np.ndarray | None = None,
     threshold: float = 0.1,
     cfg: bool = True,
+    groups: int = 1,
     height: int | None = None,
     width: int | None = None,
 ) -> Policy:
-    """The MasaCtrl policy for one group ``[source, target_1, …]`` of ``members`` members.
+    """The MasaCtrl policy for ``groups`` groups ``[source, target_1, …]`` of ``members`` members.
 
     Args:
       pipe: a :class:`jattn.pipeline.Pipeline` (its sites).
@@ -146,12 +147,15 @@ def masactrl_policy(
       start_layer: fraction of the self-attention layers in call order, or the reference's
         block index (int); see the module docstring.
       variant: one of :data:`VARIANTS`.
-      masks: ``"mask"``: float ``(M, h, w)`` in [0, 1], member 0 the source's, any grid.
-      token_weights: ``"auto-mask"``: float32 ``(M, S)`` 1 at each member's subject tokens.
+      masks: ``"mask"``: float ``(M, h, w)`` or ``(G, M, h, w)`` in [0, 1], member 0 the
+        source's, any grid.
+      token_weights: ``"auto-mask"``: float32 ``(M, S)`` or ``(G, M, S)``: 1 at each
+        member's subject tokens.
       threshold: ``"auto-mask"``: the maps' threshold after min-max (0.1).
       cfg: the layout's CFG flag (both halves are edited, each from its own half).
+      groups: G independent edits in one batch (rows group-major: G × M prompts).
     Returns:
-      a :class:`Policy` with ``Layout(1, M, cfg)``.
+      a :class:`Policy` with ``Layout(G, M, cfg)``.
     Raises:
       ValueError: members < 2, an unknown variant, fractions outside [0, 1], missing masks
         or token weights for the mask variants.
@@ -172,7 +176,7 @@ def masactrl_policy(
     sites = pipe.sites(height, width)
     chosen = masactrl_sites(sites, start_layer)
     sel = Select(path=_exact(s.path for s in chosen), kind="self")
-    layout = Layout(groups=1, members=m, cfg=cfg)
+    layout = Layout(groups=checks.whole_number(groups, "groups", minimum=1), members=m, cfg=cfg)
     table = member_table(n, m, {i: 0 for i in range(1, m)}, window=window)
     if variant == "plain":
         t = jnp.asarray(table)
@@ -186,8 +190,9 @@ def masactrl_policy(
             raise ValueError("variant='mask' needs masks (mask_s and mask_t); or use "
                              "variant='auto-mask' with a token")
         mk = np.asarray(masks, np.float32)
-        if mk.ndim != 3 or mk.shape[0] != m:
-            raise ValueError(f"masks of shape {mk.shape}: expected (M, h, w) = ({m}, h, w)")
+        if mk.ndim not in (3, 4) or mk.shape[-3] != m:
+            raise ValueError(f"masks of shape {mk.shape}: expected (M, h, w) = ({m}, h, w) or "
+                             "(G, M, h, w)")
         op = SharedAttention(jnp.asarray(table), mask=GivenMask(jnp.asarray(mk)), own=False,
                              match_query=True)
         return resolve([(sel, op)], sites, layout=layout)

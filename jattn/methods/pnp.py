@@ -88,10 +88,11 @@ def pnp_policy(
     feature_fraction: float = 0.8,
     feature_site: str = FEATURE_SITE,
     cfg: bool = True,
+    groups: int = 1,
     height: int | None = None,
     width: int | None = None,
 ) -> Policy:
-    """The Plug-and-Play policy for one group ``[source, target_1, …]``.
+    """The Plug-and-Play policy for ``groups`` groups ``[source, target_1, …]``.
 
     Args:
       members: M >= 2.
@@ -99,8 +100,9 @@ def pnp_policy(
         the residual feature at ``[0, int(n·feature_fraction))``.
       feature_site: the resnet whose residual branch is injected.
       cfg: the layout's CFG flag.
+      groups: G independent edits in one batch (rows group-major: G × M prompts).
     Returns:
-      a :class:`Policy` (attention and feature seams) with ``Layout(1, M, cfg)``.
+      a :class:`Policy` (attention and feature seams) with ``Layout(G, M, cfg)``.
     Raises:
       ValueError: members < 2, fractions outside [0, 1], a missing site.
     """
@@ -123,7 +125,8 @@ def pnp_policy(
               MemberSource(q_from=qk, k_from=qk)),
              (Select(path="^" + re.escape(feat) + "$", kind="resnet_residual"),
               FeatureInject(ft))]
-    return resolve(rules, sites, layout=Layout(groups=1, members=m, cfg=cfg))
+    g = checks.whole_number(groups, "groups", minimum=1)
+    return resolve(rules, sites, layout=Layout(groups=g, members=m, cfg=cfg))
 
 
 @dataclasses.dataclass

@@ -6,4 +6,5 @@ subparser to ``sub`` (``jattn NAME``) or to ``edit_sub`` (``jattn edit NAME``) a
 """
 
 MODULES: tuple[str, ...] = ("mix", "cross_image", "segment", "batch", "excite", "layout")
+MODULES += ("style_aligned",)
 MODULES += ("masactrl", "pnp")

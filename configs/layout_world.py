@@ -74,7 +74,7 @@ Bounded Attention ablation (boxes figure, 48 cases, `--bounded-kw`): masks only
 (`{"num_guidance_steps": 0}`): in box 0.06, IoU 0.04, right 0.15, leakage 0.62; box masks
 kept to the end, no k-means refinement (`{"first_refinement_step": 50}`): in box 0.60,
 IoU 0.42, right 0.29, leakage 0.46. So on this model the placement comes from the guidance
-phase, and the loss of binding from the attention masks themselves (with the masks alone
+phase, and the loss of binding from the attention masks themselves (likely: with the masks alone
 the objects are not drawn in their boxes, and an object drawn outside its box can attend
 to no subject token of its own): the figure to look at when tuning the method here.
 """

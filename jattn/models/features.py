@@ -38,8 +38,10 @@ without feature rules is bit-identical to no policy, the jaxpr is unchanged) or
 applies its own ``scale``/``bias``. A policy that wants other statistics (StyleAligned's
 shared GroupNorm: mean/var over own + a source member's tokens) computes them with
 :func:`group_norm_stats` and normalises with :func:`group_normalize` — the very functions
-the plain GroupNorm uses, so replacing the statistics by the same statistics is
-bit-identical. ``site.groups`` and ``site.eps`` give G and eps.
+the plain GroupNorm uses, so replacing the statistics by the same statistics gives the
+same normalised bits (what XLA fuses downstream can still move the UNet output by an ulp
+when the policy's graph differs: seen at ``-O0`` only). ``site.groups`` and ``site.eps``
+give G and eps.
 
 Aux: ``aux`` is a dict of arrays; the UNet returns it beside the attention aux under the
 site's path, ``{site_path: aux}`` (only when non-empty).
@@ -127,8 +129,7 @@ def group_norm_stats(x: Array, groups: int, mean: Array | None = None
     """GroupNorm statistics of ``x`` ``(B, …, C)``: mean and (biased, two-pass) variance
     over every position and the ``C/G`` channels of each group, float32 ``(B, 1, G, 1)``.
 
-    ``mean``: centre the variance on this mean instead of x's own (used to pool the
-    variance of several members about a shared mean).
+    ``mean``: centre the variance on this mean instead of x's own.
     """
     xg = _grouped(x, groups)
     own = jnp.mean(xg, axis=(1, 3), keepdims=True)

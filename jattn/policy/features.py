@@ -66,26 +66,26 @@ def _need_kind(op: str, ctx: SiteContext, kinds: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------- shared GroupNorm
 
 
-def shared_group_norm_stats(x: Array, src: Array, groups: int) -> tuple[Array, Array]:
-    """GroupNorm statistics over the tokens of ``x`` and ``src`` together.
+def shared_group_norm_stats(mean: Array, var: Array, src_mean: Array, src_var: Array
+                            ) -> tuple[Array, Array]:
+    """GroupNorm statistics over the tokens of two equal-sized parts, from each part's own.
 
     Equal to the statistics of the concatenation ``[x; src]`` along the positions (the
-    reference concatenates along H), computed as the average of the two parts' means and of
-    their squared deviations about that shared mean, so that ``src = x`` gives exactly x's
-    own statistics (bit-identical plain GroupNorm for the source member itself).
+    reference concatenates along H): the mean is the average of the parts' means, the
+    (biased) variance the average of the parts' variances about that shared mean, each
+    ``var + (mean − shared)²`` (parallel-axis theorem; no cancellation: both terms ≥ 0).
+    Working from the statistics keeps the feature itself out of the computation (no gather
+    of ``(B, h, w, C)`` rows, no extra reductions).
 
     Args:
-      x, src: ``(B, h, w, C)``.
-      groups: G.
+      mean, var, src_mean, src_var: float32 ``(B, 1, G, 1)`` from
+        :func:`jattn.models.features.group_norm_stats`.
     Returns:
-      ``(mean, var)`` float32 ``(B, 1, G, 1)`` (biased variance, as torch's GroupNorm).
+      ``(mean, var)`` float32 ``(B, 1, G, 1)``.
     """
-    m_own, _ = group_norm_stats(x, groups)
-    m_src, _ = group_norm_stats(src, groups)
-    mean = (m_own + m_src) * 0.5
-    _, v_own = group_norm_stats(x, groups, mean=mean)
-    _, v_src = group_norm_stats(src, groups, mean=mean)
-    return mean, (v_own + v_src) * 0.5
+    shared = (mean + src_mean) * 0.5
+    pooled = ((var + jnp.square(mean - shared)) + (src_var + jnp.square(src_mean - shared))) * 0.5
+    return shared, pooled
 
 
 @struct.dataclass
@@ -120,8 +120,15 @@ class SharedGroupNorm(Op):
             table = jnp.asarray(self.source, jnp.int32)
             _check_members("SharedGroupNorm.source", table, ctx.layout)
             row = _step_row(table, ctx.step)
-        src = take_members(ctx, x, row, "both")
-        return shared_group_norm_stats(x, src, ctx.site.groups)
+        own_mean, own_var = group_norm_stats(x, ctx.site.groups)
+        src_mean = take_members(ctx, own_mean, row, "both")
+        src_var = take_members(ctx, own_var, row, "both")
+        mean, var = shared_group_norm_stats(own_mean, own_var, src_mean, src_var)
+        # members that are their own source keep their own statistics bit for bit
+        lay = ctx.layout
+        own = jnp.broadcast_to(row == jnp.arange(m), (lay.halves, lay.groups, m))
+        own = own.reshape(-1, 1, 1, 1)
+        return jnp.where(own, own_mean, mean), jnp.where(own, own_var, var)
 
     def feature(self, ctx: SiteContext, x: Array) -> Array:
         _need_kind("SharedGroupNorm", ctx, ("group_norm",))

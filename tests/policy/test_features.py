@@ -171,16 +171,19 @@ def _np_fourier_filter_nchw(x, threshold, scale):
     return np.fft.ifftn(np.fft.ifftshift(f * mask, axes=(-2, -1)), axes=(-2, -1)).real
 
 
-@pytest.mark.parametrize("hw,threshold", [((4, 6), 1), ((8, 8), 2), ((5, 3), 1), ((1, 2), 1)])
-def test_fourier_filter_matches_reference(hw, threshold):
-    site = FeatureSite("s", "skip", hw, 4, "up")
-    x = _x(2, site)
-    ref = _np_fourier_filter_nchw(np.transpose(x, (0, 3, 1, 2)).astype(np.float64), threshold,
-                                  0.2)
-    out = fourier_filter(jnp.asarray(x), threshold, jnp.float32(0.2))
-    np.testing.assert_allclose(np.asarray(out), np.transpose(ref, (0, 2, 3, 1)), atol=2e-5)
-    same = fourier_filter(jnp.asarray(x), threshold, 1.0)
-    np.testing.assert_allclose(np.asarray(same), x, atol=2e-5)
+def test_fourier_filter_matches_reference():
+    """Even/odd/tiny grids (the reference's slice semantics at h = 1) and thresholds 1, 2;
+    scale 1 returns the input."""
+    for hw, threshold in [((4, 6), 1), ((8, 8), 2), ((5, 3), 1), ((1, 2), 1)]:
+        site = FeatureSite("s", "skip", hw, 4, "up")
+        x = _x(2, site)
+        ref = _np_fourier_filter_nchw(np.transpose(x, (0, 3, 1, 2)).astype(np.float64),
+                                      threshold, 0.2)
+        fn = jax.jit(fourier_filter, static_argnums=1)
+        out = fn(jnp.asarray(x), threshold, jnp.float32(0.2))
+        np.testing.assert_allclose(np.asarray(out), np.transpose(ref, (0, 2, 3, 1)), atol=2e-5)
+        same = fn(jnp.asarray(x), threshold, jnp.float32(1.0))
+        np.testing.assert_allclose(np.asarray(same), x, atol=2e-5)
 
 
 def test_freeu_backbone_plain_and_mean_scaling():

@@ -513,8 +513,11 @@ def _replicate(tree, mesh):
     repl = NamedSharding(mesh, P())
 
     def put(a):
+        # make_array_from_callback, not device_put: device_put to devices of several
+        # processes first checks with a collective that every process passed the same value
         if isinstance(a, (np.ndarray, jax.Array, np.generic)):
-            return jax.device_put(np.asarray(a), repl)
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, repl, lambda idx: a[idx])
         return a
 
     return jax.tree_util.tree_map(put, tree)
@@ -883,6 +886,31 @@ def _global_schedule(requests, todo, buckets, resolved, proc, nproc, per_call):
     return calls
 
 
+def _exit_at_once_when_distributed(e: BaseException) -> None:
+    """A process of a multi-process job that stops on an error or Ctrl-C exits at once
+    (exit code 130 for an interrupt, 2 for a reported error, else 1) instead of waiting in
+    JAX's shutdown barrier (``jax.distributed``'s exit handler waits up to 300 s for the
+    other processes, then aborts): the others see it gone within the heartbeat timeout and
+    end too. Completed shards are kept; restart the same command on every process."""
+    import atexit
+
+    import jax
+
+    from jattn.io import interrupt
+
+    if not jax.distributed.is_initialized() or jax.process_count() < 2:
+        return
+    code = 130 if interrupt.is_interrupt(e) else 2 if isinstance(
+        e, (ValueError, RuntimeError, OSError)) else 1
+
+    def leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    atexit.register(leave)   # runs before jax.distributed's handler (registered earlier)
+
+
 def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None,
             num_processes: int | None = None, process_id: int | None = None,
             pipe=None, log_stream=None) -> JobResult:
@@ -898,6 +926,18 @@ def run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None
       OutputDirError: ``--out-dir`` is a file, not writable, holds foreign files or
         another job.
     """
+    try:
+        return _run_job(job, settings, coordinator=coordinator, num_processes=num_processes,
+                        process_id=process_id, pipe=pipe, log_stream=log_stream)
+    except BaseException as e:
+        _exit_at_once_when_distributed(e)
+        raise
+
+
+def _run_job(job: str, settings: BatchSettings, *, coordinator: str | None = None,
+             num_processes: int | None = None, process_id: int | None = None,
+             pipe=None, log_stream=None) -> JobResult:
+    """:func:`run_job` itself (which adds the multi-process exit)."""
     from jattn.io import interrupt
 
     log_stream = log_stream or sys.stderr

@@ -183,11 +183,13 @@ def test_devices_processes_batch_sizes_and_kill9_resume_are_bit_identical(
 
 
 @pytest.mark.slow
-def test_kill9_of_one_process_then_restart_of_both_is_exactly_once(tiny_sd_dir, tmp_path,
-                                                                   reference):
-    """2 ``jax.distributed`` processes; process 1 gets SIGKILL after its first shard: the
-    survivor ends by itself (heartbeat timeout, no hang), the same command restarted on
-    both processes completes the job, every request once, bit-identical to one device."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill9", "sigint"])
+def test_kill9_or_sigint_of_one_process_then_restart_of_both_is_exactly_once(
+        sig, tiny_sd_dir, tmp_path, reference):
+    """2 ``jax.distributed`` processes; process 1 gets SIGKILL (or Ctrl-C: it exits at once
+    with 130) after its first shard: the other ends by itself (heartbeat timeout or a
+    collective that lost its peer, no hang), the same command restarted on both processes
+    completes the job, every request once, bit-identical to one device."""
     job = _write_job(tmp_path / "job.jsonl", JOB)
     pipe = dict(env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = tmp_path / "mp"
@@ -201,8 +203,10 @@ def test_kill9_of_one_process_then_restart_of_both_is_exactly_once(tiny_sd_dir, 
             and time.time() - t0 < 900:
         time.sleep(0.05)
     assert procs[1].poll() is None, "process 1 ended before it could be killed"
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].communicate()
+    procs[1].send_signal(sig)
+    log1, _ = procs[1].communicate(timeout=120)
+    if sig == signal.SIGINT:
+        assert procs[1].returncode == 130 and "interrupted" in log1, log1[-2000:]
     t_kill = time.time()
     log0, _ = procs[0].communicate(timeout=300)      # the survivor must not hang
     waited = time.time() - t_kill

@@ -16,6 +16,13 @@ maps of the layers that already ran; here the masks of step ``i`` come from the 
 step ``i − 1`` (the sampler binds accumulators before each call); before the first update
 the mask is all ones (no restriction, as the reference without maps).
 
+Otsu mode (``mode="otsu"``, ConsiStory, Tewel et al. SIGGRAPH 2024; NVlabs/consistory
+``utils/ptp_utils.py`` ``AttentionStore``): the map is the mean over the sites and over the
+last ``history`` UNet calls (the reference: 20 steps), kept as ``"map"`` in the
+accumulator, and the mask is ``map > otsu_threshold(map)`` per member
+(:mod:`jattn.policy.otsu`; :class:`jattn.policy.otsu.OtsuMask` thresholds the map again at
+each shared site's resolution, as the reference does at 32² and 64²).
+
 Shapes: probabilities ``(B, N, T, S)`` (B = halves × G × M rows, N heads, T query tokens
 ``h·w``, S text tokens).
 """
@@ -58,7 +65,12 @@ class CrossMapMask(Op):
         subject word's tokens: the reference sums the maps of its token indices).
       threshold: float32 ``()`` (the reference: 0.1), dynamic.
       resolution: static ``(h, w)`` of the recorded sites (all selected sites must have it).
-    Accumulator: ``{"mask": (G, M, h, w) float32}``.
+      mode: static; ``"minmax"`` (MasaCtrl: min-max, ``>= threshold``) or ``"otsu"``
+        (ConsiStory: ``> otsu_threshold``; ``threshold`` unused).
+      history: static; the map is the mean of the last ``history`` calls' maps (1: this
+        call's; ConsiStory: 20).
+    Accumulator: ``{"mask": (G, M, h, w) float32}``; with ``mode="otsu"`` or ``history >
+    1`` also ``"map"`` (G, M, h, w), ``"hist"`` (history, G, M, h·w), ``"count"`` int32.
     Raises:
       PolicyError: at a self-attention site or at a site of another resolution.
     """
@@ -66,8 +78,20 @@ class CrossMapMask(Op):
     weights: Array
     threshold: Array = struct.field(default_factory=lambda: jnp.float32(0.1))
     resolution: tuple = struct.field(pytree_node=False, default=(0, 0))
+    mode: str = struct.field(pytree_node=False, default="minmax")
+    history: int = struct.field(pytree_node=False, default=1)
 
     needs_probs = True
+
+    def __post_init__(self):
+        if self.mode not in ("minmax", "otsu"):
+            raise PolicyError(f"CrossMapMask.mode={self.mode!r}: use 'minmax' or 'otsu'")
+        if int(self.history) < 1:
+            raise PolicyError(f"CrossMapMask.history={self.history!r}: must be >= 1")
+
+    @property
+    def _keeps_map(self) -> bool:
+        return self.mode == "otsu" or int(self.history) > 1
 
     def _weights(self, layout: Layout) -> Array:
         w = jnp.asarray(self.weights, jnp.float32)
@@ -92,12 +116,32 @@ class CrossMapMask(Op):
 
     def aux_init(self, sites: Sequence, layout: Layout, context_tokens: int):
         h, w = self.resolution
-        return {"mask": jnp.ones((layout.groups, layout.members, h, w), jnp.float32)}
+        g, m = layout.groups, layout.members
+        acc = {"mask": jnp.ones((g, m, h, w), jnp.float32)}
+        if self._keeps_map:
+            acc.update(map=jnp.zeros((g, m, h, w), jnp.float32),
+                       hist=jnp.zeros((int(self.history), g, m, h * w), jnp.float32),
+                       count=jnp.int32(0))
+        return acc
 
     def aux_update(self, acc, per_site, step, sites):
         maps = [rec["map"] for rec in per_site.values()]
         if not maps:
             return acc
         mean = sum(maps) / len(maps)                                  # (G, M, T)
-        mask = threshold_maps(mean, self.threshold)
-        return {"mask": mask.reshape(acc["mask"].shape)}
+        if not self._keeps_map:
+            mask = threshold_maps(mean, self.threshold)
+            return {"mask": mask.reshape(acc["mask"].shape)}
+        k = int(self.history)
+        hist = acc["hist"].at[acc["count"] % k].set(mean)
+        count = acc["count"] + 1
+        mean = jnp.sum(hist, axis=0) / jnp.minimum(count, k).astype(jnp.float32)
+        if self.mode == "otsu":
+            from jattn.policy.otsu import otsu_mask
+
+            mask = otsu_mask(mean)
+        else:
+            mask = threshold_maps(mean, self.threshold)
+        shape = acc["mask"].shape
+        return {"mask": mask.reshape(shape), "map": mean.reshape(shape), "hist": hist,
+                "count": count}

@@ -125,20 +125,33 @@ def _occurrences(prompt: str, phrase: str) -> int:
     return sum(words[k:k + len(want)] == want for k in range(len(words) - len(want) + 1))
 
 
+PADDING = ("reference", "eos", "blocked")
+
+
 def bounded_inputs(tokenizer, prompts: Sequence[str], phrases, boxes, height: int,
-                   width: int, arg: str = "boxes") -> dict[str, np.ndarray]:
+                   width: int, arg: str = "boxes", padding: str = "reference"
+                   ) -> dict[str, np.ndarray]:
     """Per prompt, per subject arrays (N = most subjects of any prompt, padded).
 
     Returns a dict of NumPy arrays: ``tokens`` int32 ``(B, N, K)``, ``valid`` bool
     ``(B, N, K)``, ``subjects`` bool ``(B, N)``, ``token_subject`` bool ``(B, N, 77)``,
     ``blocked`` bool ``(B, 77)`` (function words), ``eos`` bool ``(B, 77)``, ``leading``
-    int32 ``(B, N)``, ``boxes`` float32 ``(B, N, 4)`` fractions (padding: empty boxes).
+    int32 ``(B, N)``, ``boxes`` float32 ``(B, N, 4)`` fractions (padding: empty boxes),
+    ``background`` bool ``(B, 77)`` (tokens masked in the background).
+
+    ``padding`` (the tokens after EOS, which a causal text encoder fills with the whole
+    prompt): ``"reference"`` leaves them unmasked (omer11a/bounded-attention); ``"eos"``
+    masks them in the background like EOS; ``"blocked"`` masks EOS and them everywhere (a
+    subject's pixels then read only its own words and BOS). Not the reference: on the
+    bundled model the padding carries the last-named subject into the first one's region.
     Raises:
       ValueError: naming ``arg``: box/phrase counts that differ, a phrase not in the
         prompt or given more times than it occurs (more boxes than subjects), a phrase of
         stop words only, a subject of more than 8 tokens, a box outside the image or
         with x1 ≤ x0 / y1 ≤ y0.
     """
+    if padding not in PADDING:
+        raise ValueError(f"padding={padding!r}: one of {PADDING}")
     b = len(prompts)
     if len(phrases) != b or len(boxes) != b:
         raise ValueError(f"{arg}: {len(boxes)} box lists and {len(phrases)} phrase lists for "
@@ -163,7 +176,8 @@ def bounded_inputs(tokenizer, prompts: Sequence[str], phrases, boxes, height: in
     out = {"tokens": np.zeros((b, n, K_MAX), np.int32), "valid": np.zeros((b, n, K_MAX), bool),
            "subjects": np.zeros((b, n), bool), "token_subject": np.zeros((b, n, 77), bool),
            "blocked": np.zeros((b, 77), bool), "eos": np.zeros((b, 77), bool),
-           "leading": np.zeros((b, n), np.int32), "boxes": np.zeros((b, n, 4), np.float32)}
+           "leading": np.zeros((b, n), np.int32), "boxes": np.zeros((b, n, 4), np.float32),
+           "background": np.zeros((b, 77), bool)}
     for i, pr in enumerate(prompts):
         for j, t in enumerate(toks[i]):
             t = np.asarray(t, np.int32)
@@ -179,7 +193,11 @@ def bounded_inputs(tokenizer, prompts: Sequence[str], phrases, boxes, height: in
         for w, span in zip(pr.split(), word_spans(tokenizer, pr)):
             if _is_function_word(w):
                 out["blocked"][i, span] = True
-        out["eos"][i, len(prompt_ids(tokenizer, pr)) - 1] = True
+        e = len(prompt_ids(tokenizer, pr)) - 1
+        out["eos"][i, e] = True
+        out["background"][i, e:e + 1 if padding == "reference" else 77] = True
+        if padding == "blocked":
+            out["blocked"][i, e:] = True
     return out
 
 
@@ -254,7 +272,7 @@ def bounded_policy(pipe, prompts: Sequence[str], phrases, boxes, *,
         name=MASK_NAME)
     op = SubjectMask(token_subject=jnp.asarray(inp["token_subject"]),
                      token_blocked=jnp.asarray(inp["blocked"]),
-                     token_background=jnp.asarray(inp["eos"]),
+                     token_background=jnp.asarray(inp["background"]),
                      boxes=jnp.asarray(inp["boxes"]), refine=refine)
     return resolve([("", op)], sites, layout=layout)
 
@@ -362,7 +380,7 @@ def bounded_guidance(pipe, prompts: Sequence[str], phrases, boxes, *,
     b = len(prompts)
     mask = SubjectMask(token_subject=jnp.asarray(inp["token_subject"]),
                        token_blocked=jnp.asarray(inp["blocked"]),
-                       token_background=jnp.asarray(inp["eos"]),
+                       token_background=jnp.asarray(inp["background"]),
                        boxes=jnp.asarray(inp["boxes"]), include_background=True)
     sel = "^(" + "|".join(s.path.replace(".", "[.]") for s in ls) + ")$"
     pol = resolve([(sel, (mask, RecordHeads())), ("", mask)], sites,
@@ -387,7 +405,8 @@ def bounded_generate(pipe, prompts, phrases, boxes, *, num_inference_steps: int 
                      guidance_scale: float = 7.5, seed=0, latents=None,
                      scheduler: str | None = None, height=None, width=None,
                      reference_quirks: bool = False, decode: bool = True,
-                     return_masks: bool = False, policy: Policy | None = None, **kw):
+                     return_masks: bool = False, policy: Policy | None = None,
+                     padding: str = "reference", **kw):
     """Generate with Bounded Attention (one image per prompt).
 
     Args:
@@ -397,6 +416,7 @@ def bounded_generate(pipe, prompts, phrases, boxes, *, num_inference_steps: int 
       boxes: per prompt, one ``(x0, y0, x1, y1)`` per phrase, pixels or fractions (all ≤ 1).
       policy: another policy to compose with (applied first at each site, e.g.
         Prompt-to-Prompt's); its layout's rows must be the prompts in order.
+      padding: ``"reference"``, ``"eos"`` or ``"blocked"`` (see :func:`bounded_inputs`).
       return_masks: also return the final regions, float32 ``(B, N, h, w)`` at the
         refinement maps' grid (the boxes there when no refinement ran), N subjects.
       kw: :func:`bounded_guidance` / :func:`bounded_policy` options (``init_step_size``,
@@ -424,7 +444,7 @@ def bounded_generate(pipe, prompts, phrases, boxes, *, num_inference_steps: int 
         raise ValueError(f"bounded_generate: unknown options {sorted(unknown)}; see "
                          f"{sorted(gkeys | pkeys)}")
     h, w = pipe.check_size(height, width, len(prompts))
-    inp = bounded_inputs(pipe.tokenizer, prompts, phrases, boxes, h, w)
+    inp = bounded_inputs(pipe.tokenizer, prompts, phrases, boxes, h, w, padding=padding)
     cfg = float(guidance_scale) > 1.0
     g = bounded_guidance(pipe, prompts, phrases, boxes, num_inference_steps=num_inference_steps,
                          height=h, width=w, reference_quirks=reference_quirks, inputs=inp,

@@ -120,6 +120,14 @@ def test_inputs_tokens_function_words_eos(jpipe):
     assert np.flatnonzero(inp["blocked"][0]).tolist() == [1, 4, 5]
     assert np.flatnonzero(inp["eos"][0]).tolist() == [8]
     np.testing.assert_allclose(inp["boxes"][0], [[0, 0, .5, 1], [.5, 0, 1, 1]])
+    assert np.flatnonzero(inp["background"][0]).tolist() == [8]     # reference: EOS only
+    args = ([PROMPT], [["red circle", "square"]], [[(0, 0, 8, 16), (8, 0, 16, 16)]], 16, 16)
+    eos = bounded_inputs(jpipe.tokenizer, *args, padding="eos")
+    assert np.flatnonzero(eos["background"][0]).tolist() == list(range(8, 77))
+    blk = bounded_inputs(jpipe.tokenizer, *args, padding="blocked")
+    assert np.flatnonzero(blk["blocked"][0]).tolist() == [1, 4, 5] + list(range(8, 77))
+    with pytest.raises(ValueError, match="padding"):
+        bounded_inputs(jpipe.tokenizer, *args, padding="all")
 
 
 def test_bad_inputs(jpipe):

@@ -206,7 +206,14 @@ CASES = [
     (["style-aligned", "--steps", "2", "--prompt", "a", "--reference-image", "{d}/photo.png",
       "--reference-prompt", "b", "--offset", "5"] + T + OUT, "--offset"),
     (["style-aligned", "--steps", "2", "--prompt", "a", "--prompt", "b", "--freeu", "sd9"]
-     + T + OUT, "--freeu"),
+     + T + OUT, "--freeu"),    # --- consistory (ConsiStory)
+    (["consistory", "--steps", "2", "--subject", "heart", "--prompt", "a heart on the left",
+      "--prompt", "a circle on the right"] + T + OUT, "--subject: 'heart' is not a word"),
+    (["consistory", "--steps", "2", "--subject", "heart", "--prompt", "a heart"] + T + OUT,
+     "--prompt: a single prompt"),
+    (["consistory", "--steps", "2", "--subject", "heart", "--prompt", "a heart",
+      "--prompt", "a heart on the left", "--mask-dropout", "1.5"] + T + OUT,
+     "--mask-dropout"),
 ]
 
 

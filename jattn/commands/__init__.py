@@ -8,3 +8,4 @@ subparser to ``sub`` (``jattn NAME``) or to ``edit_sub`` (``jattn edit NAME``) a
 MODULES: tuple[str, ...] = ("mix", "cross_image", "segment", "batch", "excite", "layout")
 MODULES += ("style_aligned",)
 MODULES += ("masactrl", "pnp")
+MODULES += ("consistory",)

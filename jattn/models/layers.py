@@ -147,7 +147,8 @@ class ResnetBlock2D(nn.Module):
     step)`` and returns ``(out, aux)``: ``norm1``/``norm2`` are ``group_norm`` sites
     ``{site_path}.norm1``/``.norm2``, ``conv2``'s output (the residual branch before the
     shortcut is added) is the ``resnet_residual`` site ``{site_path}.conv2`` and the output
-    is the ``resnet`` site ``site_path`` (:mod:`jattn.models.features`). Without ``site_path`` (the VAE) it returns ``out``.
+    is the ``resnet`` site ``site_path`` (:mod:`jattn.models.features`). Without
+    ``site_path`` (the VAE) it returns ``out``.
 
     Args (call): x ``(B, h, w, in_channels)``; temb ``(B, temb_channels)`` or ``None``
       (must be ``None`` iff ``temb_channels`` is ``None``).

@@ -325,6 +325,9 @@ class FreeU(Op):
         (:func:`freeu_backbone`); default the diffusers / first-release form.
     Sites: ``backbone`` and ``skip`` feature sites
       (``Select(kind=("backbone", "skip"))``).
+    Differences: diffusers applies FreeU only when all four factors are truthy (a 0 factor
+      disables it silently); here the factors apply as given. The original code keys the
+      stages on channel counts (see :func:`freeu_rules`).
     Raises:
       PolicyError: at any other kind of site.
     """

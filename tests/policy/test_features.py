@@ -14,7 +14,7 @@ from jattn.models.features import FeatureSite, group_norm_stats, group_normalize
 from jattn.policy.core import Layout, Op, PolicyError, Select, compose, resolve
 from jattn.policy.features import (FREEU_FACTORS, FeatureInject, FeatureRecord, FreeU,
                                    SharedGroupNorm, fourier_filter, freeu_backbone,
-                                   freeu_factors, freeu_policy, freeu_rules, recorded_features)
+                                   freeu_factors, freeu_policy, recorded_features)
 from jattn.policy.ops import MemberSource, member_table
 
 GN = FeatureSite("up_blocks.1.resnets.1.norm1", "group_norm", (4, 6), 8, "up", 2, 1e-5)

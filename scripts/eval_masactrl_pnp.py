@@ -20,7 +20,7 @@ regeneration from the inverted noise with the target prompt (b).
 
 Every (pair, seed) is one group of a batched run (``--groups`` groups per call), one
 compiled program per part. DDIM, CFG 7.5, the references' defaults (MasaCtrl step 4/50,
-layer fraction 10/16 = up_blocks.2 at 16² here; PnP Q,K 0.5, residual 0.8, negative prompt
+decoder self-attention at its two largest resolutions = up_blocks.1–2 at 8², 16² here; PnP Q,K 0.5, residual 0.8, negative prompt
 "ugly, blurry, black, low res, unrealistic").
 """
 
@@ -114,7 +114,13 @@ def run_masactrl(pipe, args) -> dict:
             chunk = chunk + chunk[:g - len(chunk)]
         prompts = [p for pr in chunk for p in (pr["source"], pr["target"])]
         seeds = [pr["seed"] for pr in chunk for _ in range(2)]
-        pol = mc.masactrl_policy(pipe, members=2, num_inference_steps=n, groups=g)
+        sl = args.start_layer
+        sl = int(sl) if sl is not None and float(sl).is_integer() and sl >= 1 else sl
+        pol = mc.masactrl_policy(pipe, members=2, num_inference_steps=n, groups=g,
+                                 variant=args.variant,
+                                 start_step=mc.START_STEP if args.start_step is None
+                                 else args.start_step,
+                                 start_layer=sl)
         edit = pipe.generate(prompts, num_inference_steps=n, scheduler="ddim", seed=seeds,
                              policy=pol).images
         plain = pipe.generate(prompts, num_inference_steps=n, scheduler="ddim",
@@ -248,10 +254,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--renders", type=int, default=24)
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--part", choices=["all", "masactrl", "pnp"], default="all")
+    ap.add_argument("--start-step", type=float, default=None,
+                    help="MasaCtrl ablation: first step fraction (default 4/50)")
+    ap.add_argument("--start-layer", type=float, default=None,
+                    help="MasaCtrl ablation: layer fraction < 1, or a block index >= 1 "
+                         "(default: decoder self-attention at its two largest resolutions)")
+    ap.add_argument("--variant", default="plain", choices=["plain", "union"],
+                    help="MasaCtrl ablation: the variant")
     ap.add_argument("--out", default="runs/masactrl_pnp.json")
     args = ap.parse_args(argv)
     pipe = jattn.load(None)
-    report: dict = {"steps": args.steps, "pairs": args.pairs, "renders": args.renders}
+    report: dict = {"steps": args.steps, "pairs": args.pairs, "renders": args.renders,
+                    "masactrl_settings": {"start_step": args.start_step,
+                                          "start_layer": args.start_layer,
+                                          "variant": args.variant}}
     if args.part in ("all", "masactrl"):
         report["masactrl"] = run_masactrl(pipe, args)
         m, b = report["masactrl"]["method"], report["masactrl"]["baseline"]

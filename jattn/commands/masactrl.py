@@ -3,7 +3,7 @@
 
   jattn edit masactrl --prompt SRC --target TGT [--target …] [--image PATH]
       [--variant plain|union|mask|auto-mask] [--mask-source PNG --mask-target PNG]
-      [--token WORD] [--threshold 0.1] [--start-step 0.08] [--start-layer 0.625]
+      [--token WORD] [--threshold 0.1] [--start-step 0.08] [--start-layer F]
       [--follow-inversion] [--seed N] [--steps N] [--guidance-scale S] --out-dir DIR
 
 Writes ``000.png`` the source (with ``--image``: its regeneration from the inverted
@@ -105,9 +105,11 @@ def register(sub, edit_sub) -> None:
                    help="--variant auto-mask: threshold of the min-max cross map (0.1)")
     p.add_argument("--start-step", type=float_type(), default=4 / 50,
                    help="first edited step as a fraction of --steps (reference 4/50 = 0.08)")
-    p.add_argument("--start-layer", type=float_type(), default=10 / 16,
+    p.add_argument("--start-layer", type=float_type(), default=None,
                    help="first edited self-attention layer as a fraction of the layers in "
-                        "call order (reference block 10 of 16 = 0.625)")
+                        "call order (0.625 = the reference's block 10 of 16 on SD1/SD2); "
+                        "default: decoder self-attention at its two largest resolutions "
+                        "(= the reference's layers on SD1/SD2)")
     p.add_argument("--follow-inversion", action="store_true",
                    help="with --image: the source follows the inverted trajectory (default: "
                         "regenerated from the inverted noise, as the reference notebook)")

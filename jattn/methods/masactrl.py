@@ -16,15 +16,16 @@ float rounding).
 
 **Sites and steps for any UNet.** The reference counts every attention call in forward
 order (``cur_att_layer``; ``// 2`` = the transformer block: SD1/SD2 down 0–5, mid 6,
-up 7–15) and edits blocks ``>= 10`` of 16 (up_blocks.2 and .3: the decoder's 32² and 64²
-layers, i.e. every decoder layer but the lowest-resolution one) from step 4 of 50.
-jattn takes both as fractions: ``start_layer`` 10/16 = 0.625 selects the self-attention
-sites whose index in call order (one per transformer block) is ``>= ceil(0.625 · L)`` of
-the model's L self-attention sites (SD1/SD2: L = 16 → 10, the reference; SDXL: 70 → 44,
-MasaCtrl's SDXL setting; the bundled model: 7 → 5 = ``up_blocks.2`` at 16², its decoder
-without the 8² layers, the same "all but the lowest decoder resolution"); an int
-``start_layer`` is the reference's block index itself. ``start_step`` 4/50 = 0.08 gives
-steps ``>= int(0.08 · n)`` (n = 50: 4).
+up 7–15) and edits blocks ``>= 10`` of 16 — up_blocks.2 and .3, the decoder's self-attention
+at its **two largest resolutions** (32² and 64² at 512 px) — from step 4 of 50. jattn's
+default (``start_layer=None``) is that rule: decoder self-attention at the two largest query
+resolutions the decoder has (SD1/SD2: exactly blocks 10–15; the bundled model: its 8² and
+16² decoder layers, up_blocks.1–2). ``start_layer`` may instead be a fraction of the L
+self-attention layers in call order (index ``>= ceil(f · L)``; 10/16 = 0.625 is the
+reference on SD1/SD2, 44/70 on SDXL; on the bundled model 0.625 keeps only its 16² layers,
+which keeps the source's background less well: see ``configs/masactrl_world.py``) or an
+int, the reference's block index itself. ``start_step`` 4/50 = 0.08 gives steps
+``>= int(0.08 · n)`` (n = 50: 4).
 
 Variants (``variant=``):
 
@@ -72,7 +73,7 @@ __all__ = ["VARIANTS", "masactrl_sites", "masactrl_policy", "masactrl", "MasaCtr
 
 VARIANTS = ("plain", "union", "mask", "auto-mask")
 START_STEP = 4 / 50      # the reference's step 4 of 50
-START_LAYER = 10 / 16    # the reference's transformer block 10 of 16 (SD1/SD2)
+START_LAYER = 10 / 16    # the reference's transformer block 10 of 16 (SD1/SD2) as a fraction
 
 
 def _fraction(value, name: str) -> float:
@@ -83,15 +84,27 @@ def _fraction(value, name: str) -> float:
     return v
 
 
-def masactrl_sites(sites: Sequence, start_layer: float | int = START_LAYER) -> list:
-    """The self-attention sites MasaCtrl edits: index in call order ``>= ceil(f · L)`` for
-    a fraction ``f`` (float), or ``>= start_layer`` for the reference's block index (int).
+def masactrl_sites(sites: Sequence, start_layer: float | int | None = None) -> list:
+    """The self-attention sites MasaCtrl edits (call order).
+
+    ``None``: decoder self-attention at the two largest query resolutions of the decoder
+    (SD1/SD2: the reference's blocks 10–15). A float ``f`` in [0, 1]: index in call order
+    ``>= ceil(f · L)`` of the L self-attention sites. An int: index ``>= start_layer`` (the
+    reference's block index).
 
     Raises:
       ValueError: ``start_layer`` outside [0, 1] (float) / [0, L) (int), or no site left.
     """
     selfs = [s for s in sites if s.kind == "self"]
     n = len(selfs)
+    if start_layer is None:
+        dec = [s for s in selfs if s.block == "up"]
+        res = sorted({s.resolution for s in dec}, key=lambda r: r[0] * r[1])[-2:]
+        chosen = [s for s in dec if s.resolution in res]
+        if not chosen:
+            raise ValueError("MasaCtrl needs self-attention in the UNet's decoder; this model "
+                             "has none (give start_layer as a fraction or an index)")
+        return chosen
     if isinstance(start_layer, (int, np.integer)) and not isinstance(start_layer, bool):
         first = int(start_layer)
         if not 0 <= first < n:
@@ -126,7 +139,7 @@ def masactrl_policy(
     members: int,
     num_inference_steps: int,
     start_step: float | int = START_STEP,
-    start_layer: float | int = START_LAYER,
+    start_layer: float | int | None = None,
     variant: str = "plain",
     masks: np.ndarray | None = None,
     token_weights: np.ndarray | None = None,
@@ -144,8 +157,9 @@ def masactrl_policy(
       num_inference_steps: n.
       start_step: fraction of the steps (float in [0, 1]; steps ``>= int(f·n)``) or a step
         index (int).
-      start_layer: fraction of the self-attention layers in call order, or the reference's
-        block index (int); see the module docstring.
+      start_layer: None (decoder self-attention at its two largest resolutions), a
+        fraction of the self-attention layers in call order, or the reference's block index
+        (int); see the module docstring.
       variant: one of :data:`VARIANTS`.
       masks: ``"mask"``: float ``(M, h, w)`` or ``(G, M, h, w)`` in [0, 1], member 0 the
         source's, any grid.
@@ -256,7 +270,7 @@ def masactrl(
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     start_step: float | int = START_STEP,
-    start_layer: float | int = START_LAYER,
+    start_layer: float | int | None = None,
     variant: str = "plain",
     mask_s: np.ndarray | None = None,
     mask_t: np.ndarray | None = None,

@@ -39,8 +39,9 @@ def pipe(tiny_sd_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
 def test_reference_layers_on_sd1_sd2(sd2):
-    """On SD1/SD2 the fraction 10/16 and the int 10 both select the reference's
-    ``cur_att_layer // 2 >= 10``: the self-attention of up_blocks.2 and up_blocks.3."""
+    """On SD1/SD2 the default (decoder at its two largest resolutions), the fraction 10/16
+    and the int 10 all select the reference's ``cur_att_layer // 2 >= 10``: the
+    self-attention of up_blocks.2 and up_blocks.3."""
     cfg = dict(SD1, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                use_linear_projection=True) if sd2 else SD1
     sites = list_sites(UNetConfig.from_diffusers(cfg))
@@ -48,20 +49,24 @@ def test_reference_layers_on_sd1_sd2(sd2):
             for b in (2, 3) for a in range(3)]
     assert [s.path for s in mc.masactrl_sites(sites)] == want
     assert [s.path for s in mc.masactrl_sites(sites, 10)] == want
+    assert [s.path for s in mc.masactrl_sites(sites, 0.625)] == want
     assert mc.auto_mask_resolution(list_sites(UNetConfig.from_diffusers(
         dict(cfg, sample_size=64)))) == (16, 16)
 
 
 @pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
 def test_fraction_rule_on_tiny_sd1_sd2(sd2):
-    """ceil(0.625 · L) of the L self-attention layers in call order (tiny: L = 4 -> the last
-    decoder layer); every variant's op resolves there."""
+    """The default on a decoder with one attention resolution: all its layers; the fraction
+    rule ceil(0.625 · L) of the L self-attention layers in call order (tiny: L = 4 -> the
+    last decoder layer); every variant's op resolves there."""
     from jattn.policy.core import Layout, Select, resolve
 
     c = UNetConfig.from_diffusers(dict(TINY_CFG, attention_head_dim=(2, 4) if sd2 else 2,
                                        use_linear_projection=sd2, upcast_attention=sd2))
     sites = list_sites(c)
-    chosen = mc.masactrl_sites(sites)
+    assert [s.path for s in mc.masactrl_sites(sites)] == [
+        f"up_blocks.1.attentions.{a}.transformer_blocks.0.attn1" for a in (0, 1)]
+    chosen = mc.masactrl_sites(sites, 0.625)
     selfs = [s for s in sites if s.kind == "self"]
     assert chosen == selfs[math.ceil(0.625 * len(selfs)):]
     assert [s.path for s in chosen] == ["up_blocks.1.attentions.1.transformer_blocks.0.attn1"]

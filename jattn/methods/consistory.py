@@ -178,7 +178,8 @@ def consistory_policy(pipe, token_weights: np.ndarray, num_steps: int, *, groups
                             dropout=jnp.float32(p), keys=jnp.asarray(keys))
     ops: list = [share]
     if share_queries:
-        qt = member_table(n, mm, {i: m + i for i in range(m)}, window=window)
+        qwin = (1, min(n // 10 + 1, n)) if sdsa else (0, 0)   # where SDSA and i <= n//10
+        qt = member_table(n, mm, {i: m + i for i in range(m)}, window=qwin)
         ops = [MemberBlend(q_from=jnp.asarray(qt), weight=jnp.asarray(query_strengths(n))),
                share, TieLatents(jnp.asarray(list(range(m)) + list(range(m)), jnp.int32))]
     ups = _self_up_sites(sites)

@@ -42,6 +42,10 @@ Differences from the reference (also in the report of the method):
 * guidance steps after the first refinement (not with the defaults) mask with boxes here,
   with the refined masks there.
 
+Option (not the reference): ``padding="blocked"`` also masks EOS and the padding tokens
+everywhere (``"eos"``: padding masked in the background like EOS); see
+:func:`bounded_inputs` and ``configs/bounded_world.py`` for its effect on leakage.
+
 Overlapping boxes are accepted, as in the reference: a pixel in two boxes belongs to both
 subjects (their tokens may attend there, and it may attend to both subjects' pixels)
 until the refinement gives every pixel to at most one subject.

@@ -144,6 +144,10 @@ def run_masactrl(pipe, args) -> dict:
 
 
 # ------------------------------------------------------------------------------ PnP
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def pnp_pairs(n: int) -> list[dict]:
     out = []
     for i in range(n):
@@ -151,12 +155,13 @@ def pnp_pairs(n: int) -> list[dict]:
         if i % 2 == 0:
             c2 = COLS[(i + 1 + i // 6) % 6]
             c2 = c2 if c2 != c1 else COLS[(i + 2) % 6]
-            out.append(dict(kind="colour", source=f"a {c1} {s} {pos}", target=f"a {c2} {s} {pos}",
+            out.append(dict(kind="colour", source=f"{_a(c1)} {c1} {s} {pos}",
+                            target=f"{_a(c2)} {c2} {s} {pos}",
                             want=c2, seed=2000 + i, color=c1, shape=s, position=pos))
         else:
             b = BGS[(i // 2) % 5]
-            out.append(dict(kind="background", source=f"a {c1} {s} {pos}",
-                            target=f"a {c1} {s} {pos} on a {b} background", want=b,
+            out.append(dict(kind="background", source=f"{_a(c1)} {c1} {s} {pos}",
+                            target=f"{_a(c1)} {c1} {s} {pos} on a {b} background", want=b,
                             seed=2000 + i, color=c1, shape=s, position=pos))
     return out
 
@@ -186,7 +191,7 @@ def _pnp_summary(rows) -> dict:
 def run_pnp_generated(pipe, args) -> dict:
     pairs = pnp_pairs(args.pairs)
     n, g = args.steps, args.groups
-    neg = pp.REFERENCE_NEGATIVE
+    neg = args.negative
     res = {"method": [], "baseline": []}
     t0 = time.perf_counter()
     for c0 in range(0, len(pairs), g):
@@ -195,7 +200,9 @@ def run_pnp_generated(pipe, args) -> dict:
             chunk = chunk + chunk[:g - len(chunk)]
         prompts = [p for pr in chunk for p in (pr["source"], pr["target"])]
         seeds = [pr["seed"] for pr in chunk for _ in range(2)]
-        pol = pp.pnp_policy(pipe, members=2, num_inference_steps=n, groups=g)
+        pol = pp.pnp_policy(pipe, members=2, num_inference_steps=n, groups=g,
+                            attn_fraction=args.attn_fraction,
+                            feature_fraction=args.feature_fraction)
         edit = pipe.generate(prompts, negative_prompt=neg, num_inference_steps=n,
                              scheduler="ddim", seed=seeds, policy=pol).images
         plain = pipe.generate(prompts, negative_prompt=neg, num_inference_steps=n,
@@ -213,7 +220,7 @@ def run_pnp_generated(pipe, args) -> dict:
 def run_pnp_real(pipe, args) -> dict:
     pairs = pnp_pairs(args.renders)
     n, g = args.steps, args.groups
-    neg = pp.REFERENCE_NEGATIVE
+    neg = args.negative
     res = {"method": [], "baseline": [], "reconstruction_iou": []}
     t0 = time.perf_counter()
     for c0 in range(0, len(pairs), g):
@@ -229,7 +236,9 @@ def run_pnp_real(pipe, args) -> dict:
         hooks = SamplerHooks(reimpose=rows, reimpose_rows=jnp.asarray([True, False] * g))
         prompts = [p for pr in chunk for p in ("", pr["target"])]
         negs = [x for _ in chunk for x in ("", neg)]
-        pol = pp.pnp_policy(pipe, members=2, num_inference_steps=n, groups=g)
+        pol = pp.pnp_policy(pipe, members=2, num_inference_steps=n, groups=g,
+                            attn_fraction=args.attn_fraction,
+                            feature_fraction=args.feature_fraction)
         edit = pipe.generate(prompts, negative_prompt=negs, num_inference_steps=n,
                              scheduler="ddim", latents=np.asarray(x_t).transpose(0, 3, 1, 2),
                              policy=pol, hooks=hooks).images
@@ -259,6 +268,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--start-layer", type=float, default=None,
                     help="MasaCtrl ablation: layer fraction < 1, or a block index >= 1 "
                          "(default: decoder self-attention at its two largest resolutions)")
+    ap.add_argument("--negative", default=pp.REFERENCE_NEGATIVE,
+                    help="PnP negative prompt (default the reference's)")
+    ap.add_argument("--attn-fraction", type=float, default=0.5)
+    ap.add_argument("--feature-fraction", type=float, default=0.8)
     ap.add_argument("--variant", default="plain", choices=["plain", "union"],
                     help="MasaCtrl ablation: the variant")
     ap.add_argument("--out", default="runs/masactrl_pnp.json")
@@ -267,7 +280,10 @@ def main(argv=None) -> dict:
     report: dict = {"steps": args.steps, "pairs": args.pairs, "renders": args.renders,
                     "masactrl_settings": {"start_step": args.start_step,
                                           "start_layer": args.start_layer,
-                                          "variant": args.variant}}
+                                          "variant": args.variant},
+                    "pnp_settings": {"negative": args.negative,
+                                     "attn_fraction": args.attn_fraction,
+                                     "feature_fraction": args.feature_fraction}}
     if args.part in ("all", "masactrl"):
         report["masactrl"] = run_masactrl(pipe, args)
         m, b = report["masactrl"]["method"], report["masactrl"]["baseline"]

@@ -69,11 +69,13 @@ from typing import Any
 
 import numpy as np
 
+from jattn.sampling import schedulers as _sch
+
 __all__ = ["Request", "read_job", "split", "run_job", "BatchSettings", "JobResult",
            "REQUEST_KEYS", "P2P_KEYS", "METHODS"]
 
 MAX_SEED = 2**32 - 1
-SCHEDULERS = ("ddim", "ddpm", "euler", "dpm++2m")
+SCHEDULERS = tuple(_sch.SCHEDULER_NAMES)  # kinds + presets, as the pipeline and the CLI
 METHODS = ("generate", "p2p")
 REQUEST_KEYS = ("id", "prompt", "seed", "steps", "guidance_scale", "negative_prompt",
                 "height", "width", "scheduler", "method")

@@ -34,7 +34,12 @@ POS = ("on the left", "on the right", "at the top", "at the bottom")
 BGS = ("gray", "light gray", "beige", "striped", "checkered")
 
 
-def make_groups(n: int, seed: int = 0) -> list[dict]:
+ANCHOR_COLOURS = ("red", "blue", "yellow", "purple", "orange")
+
+
+def make_groups(n: int, seed: int = 0, stated_anchor: bool = False) -> list[dict]:
+    """``stated_anchor``: member 0's prompt also states a colour (never green, the bundled
+    model's default for an unstated colour); the others leave it unstated."""
     from jattn.world.captions import caption_for
     from jattn.world.spec import ObjectSpec, SceneSpec
 
@@ -44,9 +49,13 @@ def make_groups(n: int, seed: int = 0) -> list[dict]:
         shape = SHAPES[i % len(SHAPES)]
         pos = list(rng.permutation(POS))
         bgs = [str(b) for b in rng.choice(BGS, 4)]
-        specs = [SceneSpec(objects=(ObjectSpec(shape=shape, position=str(p)),), background=b)
-                 for p, b in zip(pos, bgs)]
-        out.append({"subject": shape, "specs": specs,
+        col = ANCHOR_COLOURS[(i // len(SHAPES) + i) % len(ANCHOR_COLOURS)]
+        specs = [SceneSpec(objects=(ObjectSpec(shape=shape, position=str(p),
+                                               color=col if (stated_anchor and j == 0)
+                                               else None),), background=b)
+                 for j, (p, b) in enumerate(zip(pos, bgs))]
+        out.append({"subject": shape, "specs": specs, "anchor_colour": col if stated_anchor
+                    else None,
                     "prompts": [caption_for(s, 0) for s in specs]})
     return out
 
@@ -66,8 +75,11 @@ def judge(images, group) -> dict:
     found = all(m["found"] for m in members)
     col = found and len({m["colour"] for m in members}) == 1
     fil = found and len({m["fill"] for m in members}) == 1
-    return {"members": members, "colour_agree": col, "fill_agree": fil,
-            "both_agree": col and fil}
+    out = {"members": members, "colour_agree": col, "fill_agree": fil,
+           "both_agree": col and fil}
+    if group.get("anchor_colour"):
+        out["took_anchor_colour"] = [m["colour"] == group["anchor_colour"] for m in members[1:]]
+    return out
 
 
 def summary(records: list[dict]) -> dict:
@@ -81,7 +93,10 @@ def summary(records: list[dict]) -> dict:
             "position_and_background_ok": float(np.mean([m["position_ok"] and m["background_ok"]
                                                          for m in ms])),
             "subject_found": float(np.mean([m["found"] for m in ms])),
-            "shape_ok": float(np.mean([m["shape_ok"] for m in ms]))}
+            "shape_ok": float(np.mean([m["shape_ok"] for m in ms])),
+            **({"members_1_3_take_anchor_colour": float(np.mean(
+                [x for r in records for x in r["took_anchor_colour"]]))}
+               if records and "took_anchor_colour" in records[0] else {})}
 
 
 def main(argv=None) -> int:
@@ -92,6 +107,13 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance-scale", type=float, default=5.0)
     ap.add_argument("--batch-groups", type=int, default=4, help="groups per batch")
     ap.add_argument("--no-share-queries", action="store_true")
+    ap.add_argument("--ablate", nargs="*", default=None, metavar="NAME:KEY=VAL,…",
+                    help="extra settings run on the same groups instead of the full method "
+                         "and baseline, e.g. nofreeu:freeu=0 drop0:freeu=0,mask_dropout=0 "
+                         "(keys of jattn.methods.consistory.consistory; mask_resolution=16)")
+    ap.add_argument("--stated-anchor", action="store_true",
+                    help="member 0 states a (non-green) colour, members 1..3 do not: do they "
+                         "take it? (the bundled model draws an unstated colour green ~90 %%)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -100,31 +122,49 @@ def main(argv=None) -> int:
     from jattn.pipeline import bundled_model_path
 
     pipe = jattn.load(bundled_model_path())
-    groups = make_groups(args.groups)
-    recs = {"consistory": [], "baseline": []}
+    groups = make_groups(args.groups, stated_anchor=args.stated_anchor)
+    variants = {"consistory": {}}
+    if args.ablate:
+        variants = {}
+        for item in args.ablate:
+            name, _, kv = item.partition(":")
+            kw = {}
+            for pair in filter(None, kv.split(",")):
+                k, v = pair.split("=")
+                kw[k] = ((int(v), int(v)) if k == "mask_resolution" else
+                         bool(int(v)) if k in ("freeu", "sdsa", "share_queries") else float(v))
+            variants[name] = kw
+    recs = {k: [] for k in variants}
+    if not args.ablate:
+        recs["baseline"] = []
     t0 = time.perf_counter()
     bg = args.batch_groups
     for seed in args.seeds:
         for s in range(0, len(groups), bg):
             chunk = groups[s:s + bg]
             seeds = [seed * 1000 + (s + i) * 10 + j for i in range(len(chunk)) for j in range(4)]
-            out = consistory(pipe, [g["subject"] for g in chunk], [g["prompts"] for g in chunk],
-                             seed=seeds, num_inference_steps=args.steps,
-                             guidance_scale=args.guidance_scale,
-                             share_queries=not args.no_share_queries)
-            base = pipe.generate([p for g in chunk for p in g["prompts"]], seed=seeds,
-                                 num_inference_steps=args.steps, scheduler="ddim",
-                                 guidance_scale=args.guidance_scale)
+            outs = {}
+            for name, kw in variants.items():
+                kw = dict(dict(share_queries=not args.no_share_queries), **kw)
+                outs[name] = consistory(pipe, [g["subject"] for g in chunk],
+                                        [g["prompts"] for g in chunk], seed=seeds,
+                                        num_inference_steps=args.steps,
+                                        guidance_scale=args.guidance_scale, **kw).images
+            if "baseline" in recs:
+                outs["baseline"] = pipe.generate(
+                    [p for g in chunk for p in g["prompts"]], seed=seeds,
+                    num_inference_steps=args.steps, scheduler="ddim",
+                    guidance_scale=args.guidance_scale).images
             for i, g in enumerate(chunk):
-                recs["consistory"].append(judge(out.images[4 * i:4 * i + 4], g))
-                recs["baseline"].append(judge(base.images[4 * i:4 * i + 4], g))
+                for name, imgs in outs.items():
+                    recs[name].append(judge(imgs[4 * i:4 * i + 4], g))
             print(f"seed {seed} groups {s}..{s + len(chunk) - 1}: "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     res = {k: summary(v) for k, v in recs.items()}
     res["settings"] = dict(groups=args.groups, seeds=args.seeds, steps=args.steps,
                            guidance_scale=args.guidance_scale,
-                           share_queries=not args.no_share_queries,
-                           feature_injection=False, seconds=time.perf_counter() - t0)
+                           share_queries=not args.no_share_queries, variants=variants,
+                           stated_anchor=args.stated_anchor, feature_injection=False, seconds=time.perf_counter() - t0)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(res, records=recs), indent=1))

@@ -121,7 +121,7 @@ def bench_reference(args) -> dict:
                                           share_attention=True, adain_queries=True,
                                           adain_keys=True, adain_values=False)
     out = {}
-    for g in args.groups:
+    for g in args.reference_groups or args.groups:
         # the handler shares with row 0 of each CFG half (no group axis): G groups run as
         # G calls of M prompts
         flat = [x for grp in prompts_for(g, args.members) for x in grp]
@@ -155,13 +155,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--reference-dir", default="/tmp/style_aligned_ref")
+    ap.add_argument("--reference-groups", type=int, nargs="+", default=None,
+                    help="group counts timed for the reference (default: --groups)")
     ap.add_argument("--no-jattn", action="store_true")
     args = ap.parse_args(argv)
     res = {} if args.no_jattn else bench_jattn(args)
     if args.reference:
         ref = bench_reference(args)
         for g in args.groups:
-            if g in res:
+            if g in res and g in ref:
                 print(f"G={g}: jattn/reference StyleAligned "
                       f"{res[g]['style_aligned_s'] / ref[g]['style_aligned_s']:.3f}, plain "
                       f"{res[g]['plain_s'] / ref[g]['plain_s']:.3f}")

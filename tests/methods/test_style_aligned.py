@@ -45,7 +45,8 @@ def test_policy_resolves_on_sd1_and_sd2(tmp_path, sd2, pipe):
     if sd2:
         from conftest import _tiny_diffusers_pipeline
 
-        _tiny_diffusers_pipeline(seed=1, sd2=True).save_pretrained(tmp_path, safe_serialization=True)
+        _tiny_diffusers_pipeline(seed=1, sd2=True).save_pretrained(tmp_path,
+                                                                   safe_serialization=True)
         p = jattn.load(tmp_path)
     else:
         p = pipe
@@ -266,12 +267,13 @@ def test_composes_with_p2p_word_swap(pipe):
     p2p_alone = gen(_switch_off(both, "sa"))
     sa_alone = gen(_switch_off(both, "p2p"))
     assert pipe.trace_counts == before
+    tol = dict(atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(p2p_alone, gen(p2p_policy(pipe, prompts[0], prompts[1:],
-                                                         num_steps=n)), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(sa_alone, gen(sa.style_aligned_policy(pipe, 3, n)), atol=1e-4, rtol=1e-4)
+                                                         num_steps=n)), **tol)
+    np.testing.assert_allclose(sa_alone, gen(sa.style_aligned_policy(pipe, 3, n)), **tol)
     plain = gen(None)
     for x in (out, p2p_alone, sa_alone):
-        np.testing.assert_allclose(x[0], plain[0], atol=1e-4, rtol=1e-4)         # the source is kept
+        np.testing.assert_allclose(x[0], plain[0], **tol)             # the source is kept
     assert np.abs(out[1:] - p2p_alone[1:]).max() > 1e-3                # style sharing on
     assert np.abs(out[1:] - sa_alone[1:]).max() > 1e-3                 # P2P on
 

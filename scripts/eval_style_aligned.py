@@ -23,7 +23,6 @@ Everything is judged by the world's detector (jattn.world.evaluate.score_generat
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys

@@ -1,7 +1,10 @@
-"""Per-image cost of Attend-and-Excite: jattn vs plain generation vs diffusers'
-StableDiffusionAttendAndExcitePipeline on the same bundled weights and CPU, one run.
+"""Per-image cost of the layout methods in one run on the same bundled weights and CPU:
+Attend-and-Excite (jattn vs plain generation vs diffusers'
+StableDiffusionAttendAndExcitePipeline), layout guidance and Bounded Attention (vs plain
+generation; the Bounded reference run is scripts/bench_bounded_reference.py), and the
+compilations of a second call with new prompts and boxes (expected 0).
 
-  python scripts/bench_layout.py [--batch 4] [--steps 50]
+  python scripts/bench_layout.py [--batch 4] [--steps 50] [--no-diffusers]
 
 Times are the second call (jattn compiled once before; diffusers warmed up by one call).
 """
@@ -18,6 +21,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--no-diffusers", action="store_true")
     a = ap.parse_args()
     import torch
     from diffusers import StableDiffusionAttendAndExcitePipeline
@@ -41,6 +45,26 @@ def main():
     t0 = time.perf_counter()
     attend_and_excite(pipe, prompts, words, **kw)
     ae = (time.perf_counter() - t0) / a.batch
+    from jattn.methods.bounded import bounded_generate
+    from jattn.methods.layout import layout_generate
+
+    left, right = (0.03, 0.33, 0.37, 0.67), (0.63, 0.33, 0.97, 0.67)
+    boxes = [[left, right]] * a.batch
+    rows = {}
+    for name, fn in (("layout guidance", layout_generate), ("Bounded", bounded_generate)):
+        fn(pipe, prompts, words, boxes, **kw)
+        before = dict(pipe.trace_counts)
+        t0 = time.perf_counter()
+        fn(pipe, prompts[::-1], words[::-1], [[right, left]] * a.batch, **kw)
+        rows[name] = ((time.perf_counter() - t0) / a.batch,
+                      sum(pipe.trace_counts.values()) - sum(before.values()))
+    for name, (t, c) in rows.items():
+        print(f"per image, batch {a.batch}, {a.steps} steps: {name} {t:.2f} s "
+              f"({t / plain:.2f}x plain {plain:.2f} s); compilations of a second call with "
+              f"new prompts and boxes: {c}")
+    if a.no_diffusers:
+        print(f"A&E jattn {ae:.2f} s ({ae / plain:.2f}x plain)")
+        return
     tp = StableDiffusionAttendAndExcitePipeline.from_pretrained(
         str(bundled_model_path()), safety_checker=None, requires_safety_checker=False)
     tp.set_progress_bar_config(disable=True)

@@ -39,6 +39,10 @@ world renders given as images), PnP vs baseline:
   Ablation --feature-fraction 0.4 (residual injection in the first 40 % only): generated IoU
   ≥ 0.8 in 0.750, target attribute 0.812 (background 0.62); renders: IoU ≥ 0.8 in 0.083,
   target attribute 0.917 (background 0.83).
+  Ablation --feature-fraction 0 (Q, K only): generated IoU ≥ 0.8 in 0.500 (= baseline
+  0.521), target attribute 0.917 (background 0.83); renders: IoU ≥ 0.8 0.083, attribute
+  0.875. So on this UNet the residual feature carries both the silhouette and the
+  background: the one trade-off behind both shortfalls.
 Shortfalls: background translations keep the source background in ~40 % (the injected 8²
 residual features carry the background on this small UNet), and the real-image path does
 not keep the silhouette: DDIM inversion at CFG 7.5 does not regenerate the bundled

@@ -62,7 +62,7 @@ initial latents; first 4 binding cases, seed i, 50 steps, CFG 7.5, one image per
 |---|---|---|---|---|---|---|
 | red / orange circle (l/r) | 2.7 | 78.5 | in box, right | in box, right | 0.33 | 0.80, 0.80 |
 | red circle / square (l/r) | 3.3 | 163.9 | in box, right | in box, right | 0.00 | 1.00, 1.00 |
-| yellow / green square (t/b) | 3.5 | 166.7 | in box, one circle | in box, right | 1.32 | 0.83, 1.00 |
+| yellow / green square (t/b) | 3.5 | 166.7 | one circle | in box, right | 1.32 | 0.83, 1.00 |
 | orange triangle / star (t/b) | 2.5 | 128.4 | in box, right | in box, right | 0.52 | 1.00, 0.50 |
 
 (px diff: mean |difference| of the uint8 images.) No leakage in either. Median per

@@ -35,7 +35,7 @@ from jattn.policy.core import Op, PolicyError, SiteContext
 
 Array = jax.Array
 
-__all__ = ["MemberSource", "member_table", "take_members", "HALVES", "Contrast", "contrast_probs",
+__all__ = ["MemberSource", "member_table", "window_mask", "take_members", "HALVES", "Contrast", "contrast_probs",
            "masked_adain"]
 
 HALVES = ("both", "cond", "uncond")
@@ -64,6 +64,23 @@ def member_table(num_steps: int, members: int, sources: Mapping[int, int], *,
     for k, v in sources.items():
         if not (0 <= int(k) < m and 0 <= int(v) < m):
             raise ValueError(f"sources={dict(sources)}: members must be in [0, {m})")
+    on = window_mask(n, window, steps)
+    table = np.tile(np.arange(m, dtype=np.int32), (n, 1))
+    for k, v in sources.items():
+        table[on, int(k)] = int(v)
+    return table
+
+
+def window_mask(num_steps: int, window: tuple[float, float] | tuple[int, int] = (0.0, 1.0),
+                steps: np.ndarray | None = None) -> np.ndarray:
+    """Bool ``(num_steps,)``: the steps ``start <= i < end`` of ``window`` (fractions in
+    [0, 1] as floats, ``int(f·n)`` as the references, or step indices as ints), ANDed with
+    ``steps`` when given.
+
+    Raises:
+      ValueError: a window outside [0, 1] / [0, num_steps] or with start > end.
+    """
+    n = int(num_steps)
     s0, s1 = window
     if isinstance(s0, float) or isinstance(s1, float):
         if not 0.0 <= s0 <= s1 <= 1.0:
@@ -71,14 +88,11 @@ def member_table(num_steps: int, members: int, sources: Mapping[int, int], *,
         s0, s1 = int(s0 * n), int(s1 * n)
     elif not 0 <= s0 <= s1 <= n:
         raise ValueError(f"window={window}: step indices need 0 <= start <= end <= {n}")
-    table = np.tile(np.arange(m, dtype=np.int32), (n, 1))
     on = np.zeros(n, bool)
     on[s0:s1] = True
     if steps is not None:
         on &= np.asarray(steps, bool)
-    for k, v in sources.items():
-        table[on, int(k)] = int(v)
-    return table
+    return on
 
 
 def take_members(ctx: SiteContext, x: Array, row: Array, halves: str = "both") -> Array:

@@ -47,7 +47,7 @@ import numpy as np
 from flax import struct
 
 from jattn.policy.core import Op, PolicyError, SiteContext
-from jattn.policy.ops import HALVES, _member_rows, take_members
+from jattn.policy.ops import HALVES, _member_rows, take_members, window_mask
 
 Array = jax.Array
 
@@ -315,17 +315,7 @@ def shared_table(num_steps: int, members: int,
     if a == 0:
         raise ValueError(f"sources={dict(sources)}: no member has a source (a group of one "
                          "member shares nothing; give at least two members)")
-    s0, s1 = window
-    if isinstance(s0, float) or isinstance(s1, float):
-        if not 0.0 <= s0 <= s1 <= 1.0:
-            raise ValueError(f"window={window}: fractions need 0 <= start <= end <= 1")
-        s0, s1 = int(s0 * n), int(s1 * n)
-    elif not 0 <= s0 <= s1 <= n:
-        raise ValueError(f"window={window}: step indices need 0 <= start <= end <= {n}")
-    on = np.zeros(n, bool)
-    on[s0:s1] = True
-    if steps is not None:
-        on &= np.asarray(steps, bool)
+    on = window_mask(n, window, steps)
     table = np.tile(np.arange(m, dtype=np.int32)[None, :, None], (n, 1, a))
     for k, v in lists.items():
         for j, src in enumerate(v):

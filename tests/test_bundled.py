@@ -55,6 +55,7 @@ def test_diffusers_generates_the_same_image(pipe):
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_position_words_place_the_object(pipe):
     """The same seeds under "on the left" / "on the right" / "at the top" / "at the bottom"
     put the object where the words say in ≥ 80 % of images (the world's detector, largest
@@ -95,6 +96,7 @@ def test_colour_word_swap_keeps_the_object_and_changes_its_colour(pipe):
     assert colour_ok >= 0.75, r["records"]
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_reweighting_a_colour_word_changes_its_amount_monotonically(pipe):
     r = evaluate_reweight(pipe, "a red circle", "red", [-2.0, 0.0, 1.0, 3.0, 6.0], [0, 1],
                           num_inference_steps=STEPS)

@@ -141,6 +141,7 @@ def test_cluster_labels_match_reference(seed):
 
 
 # ------------------------------------------------------------------- the method
+@pytest.mark.slow  # ~45-80 s; the default suite keeps to 15 min
 def test_runs_composes_with_p2p_and_never_recompiles(pipe):
     """Two image pairs in a row compile nothing new; the output differs from plain
     regeneration; the policy composes with a P2P policy (same layout with CFG)."""
@@ -184,6 +185,7 @@ def test_api_errors(pipe):
 
 
 # ------------------------------------------------------------------- the CLI
+@pytest.mark.slow  # ~30 s; the default suite keeps to 15 min
 def test_cli_writes_the_files(tmp_path, tiny_sd_dir):
     from jattn.cli import main
 

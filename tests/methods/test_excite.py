@@ -74,6 +74,7 @@ def test_zero_steps_reproduce_plain_generation(jpipe):
     np.testing.assert_array_equal(off.images, plain.images)
 
 
+@pytest.mark.slow  # ~45-80 s; the default suite keeps to 15 min
 def test_guidance_lowers_the_loss_and_no_recompiles(jpipe):
     from jattn.sampling import schedulers as sch
     from jattn.sampling.guidance import apply_guidance

@@ -82,6 +82,7 @@ def test_bad_boxes(jpipe):
         layout_guidance(jpipe, p, [["red circle"]], [[(0, 0, 8, 8), (8, 8, 16, 16)]])
 
 
+@pytest.mark.slow  # ~45-80 s; the default suite keeps to 15 min
 def test_cli_excite_and_layout_write_their_files(tiny_sd_dir, tmp_path):
     """`jattn excite` and `jattn layout` end to end on the tiny pipeline: 000.png … in
     prompt order, grid.png, result.json listing them."""

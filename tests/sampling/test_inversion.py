@@ -42,6 +42,7 @@ def test_ddim_and_null_text_match_reference(tiny_sd_dir, setup):
     assert (inv.inner_iterations <= inner).all()
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_null_text_beats_ddim_inversion_under_cfg(setup):
     """With CFG 7.5, regenerating from z*_T drifts; the null-text embeddings pull the
     trajectory back toward z*_0 (the point of the method)."""

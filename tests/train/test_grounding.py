@@ -123,6 +123,7 @@ def test_token_loss_is_zero_on_the_mask_and_high_off_it():
     assert float(t_on) < 1e-6 and float(t_off) > 0.9
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_grounded_train_step_learns_to_localise(tok):
     """A tiny UNet trained on the grounding loss alone puts a word's attention on its mask."""
     cfg = load_config(ROOT / "configs" / "bundled_model.py:tiny")

@@ -46,6 +46,7 @@ def _flat(tree) -> dict:
             for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_diffusion_loss_decreases(tiny_cfg, toy_data):
     """Training lowers the loss of a fixed batch at fixed noise/timesteps/dropout.
 

@@ -54,6 +54,7 @@ def test_training_alphas_match_the_exported_scheduler():
                                rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow  # ~45-80 s; the default suite keeps to 15 min
 def test_v_prediction_step_is_finite_at_zero_terminal_snr():
     cfg, st = _stage(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                      num_train_timesteps=4)  # 4 timesteps: t = T-1 (SNR 0) is drawn often
@@ -80,6 +81,7 @@ def test_v_prediction_step_is_finite_at_zero_terminal_snr():
     assert after < before, (before, after)
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_v_prediction_weight_is_one_at_zero_snr():
     """Min-SNR for v-prediction is ``min(SNR + 1, gamma) / (SNR + 1)``: the terminal
     timestep (SNR 0), where the layout must come from the text, keeps weight 1.
@@ -122,6 +124,7 @@ def _train_and_restore(cfg, tmp_path):
     return restore, latents, ids
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_v_prediction_phase_starts_from_the_pretrained_ema(tmp_path):
     """With ``diffusion_pretrain`` stage C trains the pretraining phase, then the main
     phase from its final EMA weights (here with lr 0, so they must come out unchanged);

@@ -308,6 +308,7 @@ def test_generate_with_capture_fixed_batches(monkeypatch):
         list(ev.generate_with_capture(pipe, ["p"], [0, 1], progress=False))
 
 
+@pytest.mark.slow  # 15-30 s; the default suite keeps to 15 min
 def test_evaluate_smoke_on_tiny_pipeline(tiny_sd_dir, tmp_path):
     """End to end on the tiny random pipeline (2 prompts, 1 seed, 2 steps, batch 1): runs,
     returns the documented keys, captures every cross resolution, compiles the sampler

@@ -120,6 +120,7 @@ def test_self_localise_matches_numpy():
 
 
 # ------------------------------------------------------------------ through the model
+@pytest.mark.slow  # ~17 s; the default suite keeps to 15 min
 def test_original_member_is_plain_generation(pipe):
     """Without the blend (no materialised maps) the original member's latents are
     bit-identical to plain generation of the original prompt at the same batch size;

@@ -78,6 +78,7 @@ def test_bad_inputs(setup):
         invert(pipe, np.stack([img, img]), ["a", "b", "c"])
 
 
+@pytest.mark.slow  # ~17 s; the default suite keeps to 15 min
 def test_ddim_inversion_with_cfg(setup):
     """``inversion_guidance`` (StyleAligned's CFG-2 inversion): each step's model output is
     the CFG combination with the empty prompt, restated here step by step in Python."""

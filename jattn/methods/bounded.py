@@ -62,7 +62,7 @@ from flax import struct
 
 from jattn.io.words import prompt_ids, word_spans
 from jattn.methods.layout import RecordHeads
-from jattn.methods.subjects import _norm, check_boxes, subject_tokens
+from jattn.methods.subjects import _norm, check_boxes, mid_and_first_up, subject_tokens
 from jattn.policy.core import Layout, Policy, resolve
 from jattn.policy.masks import MaskRefine, SubjectMask, box_regions, final_masks
 from jattn.sampling.guidance import Guidance
@@ -102,14 +102,7 @@ def _box_sites(sites):
     """``(loss sites, record sites)``: mid block + first up block with attention (both
     kinds); the first up block with attention (the reference's layers 12–19 and 14–19 of
     SD's 32 attention calls)."""
-    up = []
-    for s in sites:
-        if s.block == "up":
-            blk = ".".join(s.path.split(".")[:2])
-            if blk not in up:
-                up.append(blk)
-    first_up = [s for s in sites if up and s.path.startswith(up[0] + ".")]
-    mid = [s for s in sites if s.block == "mid"]
+    mid, first_up = mid_and_first_up(sites)
     return mid + first_up, first_up
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jattn.methods.subjects import check_boxes, subject_tokens, token_table
+from jattn.methods.subjects import check_boxes, mid_and_first_up, subject_tokens, token_table
 from jattn.policy.core import Layout, Op, SiteContext, resolve
 from jattn.sampling.guidance import Guidance
 
@@ -108,15 +108,7 @@ def _loss_fn(acc, step, args):
 
 
 def _guided_sites(sites):
-    cross = [s for s in sites if s.kind == "cross"]
-    mid = [s for s in cross if s.block == "mid"]
-    up_blocks = []
-    for s in cross:
-        if s.block == "up":
-            blk = ".".join(s.path.split(".")[:2])
-            if blk not in up_blocks:
-                up_blocks.append(blk)
-    first_up = [s for s in cross if up_blocks and s.path.startswith(up_blocks[0] + ".")]
+    mid, first_up = mid_and_first_up([s for s in sites if s.kind == "cross"])
     return mid + first_up
 
 

@@ -165,3 +165,17 @@ def box_masks(boxes_frac: np.ndarray, h: int, w: int) -> np.ndarray:
         m[k] = ((ys[:, None] >= y0) & (ys[:, None] < y1) & (xs[None] >= x0)
                 & (xs[None] < x1)).astype(np.float32)
     return m
+
+
+def mid_and_first_up(sites):
+    """``(mid-block sites, sites of the first up block among ``sites``)``, in site order: the
+    attention that layout guidance and Bounded Attention guide on (the references' mid
+    block + first up block with attention, SD's 8² and 16² layers)."""
+    up = []
+    for s in sites:
+        if s.block == "up":
+            blk = ".".join(s.path.split(".")[:2])
+            if blk not in up:
+                up.append(blk)
+    first_up = [s for s in sites if up and s.path.startswith(up[0] + ".")]
+    return [s for s in sites if s.block == "mid"], first_up

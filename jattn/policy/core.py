@@ -10,12 +10,14 @@ model's sites *before* ``jit`` (first matching rule wins per site; a selector ma
 site raises) and returns a Policy with one entry per touched site. Policies compose with
 :func:`compose`: at each site the ops of every policy apply in order.
 
-Each op (:class:`Op`) may act at four stages of an attention call:
+Each op (:class:`Op`) may act at five stages of an attention call:
 
 1. ``qkv``: where Q, K, V come from (other members of the group, concatenation, AdaIN);
 2. ``logit_bias``: an additive logit bias (``-inf`` outside a box);
 3. ``edit_probs``: probability replacement / reweighting (forces materialised probs);
-4. ``record``: what is captured at the site (aux, aggregated by the sampler).
+4. ``record``: what is captured at the site (aux, aggregated by the sampler);
+5. ``edit_output``: the attention output per head, edited (may read the probabilities
+   when they are materialised, and the final Q, K, V).
 
 When no op at a site needs probabilities, the fused kernel runs (``jax.nn.dot_product_attention``).
 
@@ -24,11 +26,11 @@ When no op at a site needs probabilities, the fused kernel runs (``jax.nn.dot_pr
 backbone/skip inputs). Rules select them with the same :class:`Select` (feature kinds
 ``"resnet"``, ``"group_norm"``, ``"backbone"``, ``"skip"``). An op acts there at three stages:
 
-5. ``norm_stats`` (GroupNorm sites only): the statistics ``(mean, var)`` to normalise with
+6. ``norm_stats`` (GroupNorm sites only): the statistics ``(mean, var)`` to normalise with
    (e.g. shared with a source member); the seam normalises and the GroupNorm applies its
    affine;
-6. ``feature``: replace the value (inject a member's feature, FreeU scaling);
-7. ``record_feature``: what is captured (aux, aggregated like attention records).
+7. ``feature``: replace the value (inject a member's feature, FreeU scaling);
+8. ``record_feature``: what is captured (aux, aggregated like attention records).
 
 Which seam an op acts at is its class attribute ``seams`` (``("attention",)`` by default,
 ``("feature",)`` for feature ops): a rule is matched only against the sites of its ops'
@@ -151,6 +153,17 @@ class Op:
 
     def record(self, ctx: SiteContext, p_pre: Array | None, p_post: Array | None) -> dict:
         return {}
+
+    def edit_output(self, ctx: SiteContext, out: Array, p: Array | None, q: Array, k: Array,
+                    v: Array) -> Array:
+        """The attention output ``out`` ``(B, T, N, H)`` (per head, before the heads are
+        merged and projected by ``to_out``), edited. ``p``: the (edited) probabilities
+        ``(B, N, T, S)`` when they are materialised at this site (some op of the site has
+        ``needs_probs`` or a logit bias), else None; ``q``, ``k``, ``v``: as after every
+        op's :meth:`qkv`. Runs after every op's :meth:`edit_probs` and :meth:`record`, in
+        rule order (e.g. Nested Attention's per-query value of token s*, ConsiStory's
+        feature injection). Default: unchanged (no array op is added)."""
+        return out
 
     # ---- feature seam (FeatureSite); x (B, h, w, C), B = halves × G × M rows
     def norm_stats(self, ctx: SiteContext, x: Array) -> tuple[Array, Array] | None:
@@ -307,6 +320,8 @@ class Policy:
                 rec = op.record(ctx, None, None)
                 if rec:
                     aux[str(i)] = rec
+            for op in ops:
+                out = op.edit_output(ctx, out, None, q, k, v)
             return out, aux
         logits = attention_logits(q, k, upcast=upcast)
         for b in biases:
@@ -320,6 +335,8 @@ class Policy:
             if rec:
                 aux[str(i)] = rec
         out = apply_probs(p.astype(v.dtype), v).astype(q.dtype)
+        for op in ops:
+            out = op.edit_output(ctx, out, p, q, k, v)
         return out, aux
 
     def feature(self, site: FeatureSite, x: Array, step: Array | None):

@@ -314,6 +314,62 @@ def test_fused_path_when_no_op_needs_probs(monkeypatch):
                                atol=1e-6)
 
 
+@struct.dataclass
+class TokenValue(Op):
+    """edit_output: replace key token ``j``'s value by a per-query value ``w`` (B, T, N, H)
+    through the probabilities: ``out + p[..., j] * (w - v_j)`` (the shape of Nested
+    Attention's per-query value)."""
+
+    j: int = struct.field(pytree_node=False)
+    w: jax.Array
+    needs_probs = True
+
+    def edit_output(self, ctx, out, p, q, k, v):
+        pj = jnp.moveaxis(p[..., self.j], 1, 2)[..., None]          # (B, T, N, 1)
+        return out + pj * (self.w - v[:, self.j][:, None])
+
+
+@struct.dataclass
+class AddOut(Op):
+    """edit_output without probabilities: out + c (fused path kept)."""
+
+    c: jax.Array
+
+    def edit_output(self, ctx, out, p, q, k, v):
+        assert p is None
+        return out + self.c
+
+
+def test_edit_output_stage():
+    """The fifth stage: an op replacing token j's value by a per-query value through
+    ``edit_output`` equals attention with that value substituted row by row (NumPy); the
+    stage runs after edit_probs on the edited probabilities; ops compose in rule order;
+    without probabilities it gets p=None on the fused path. Breaks if the stage is not
+    wired, runs before edit_probs, or ignores ops after the first."""
+    q, k, v = _qkv(5, b=2, t=64, s=7)
+    cross = SITES[1]
+    w = jnp.asarray(np.random.default_rng(6).standard_normal(q.shape), jnp.float32)
+    pol = resolve([("", TokenValue(j=3, w=w))], SITES)
+    out, _ = attend(cross, q, k, v, pol, jnp.int32(0))
+    qn, kn, vn, wn = (np.asarray(a, np.float64) for a in (q, k, v, w))
+    logits = np.einsum("btnh,bsnh->bnts", qn, kn) / np.sqrt(HEAD_DIM)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    vt = np.broadcast_to(vn[:, None], (2, 64, 7, HEADS, HEAD_DIM)).copy()  # b t s n h
+    vt[:, :, 3] = wn
+    ref = np.einsum("bnts,btsnh->btnh", p, vt)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    # after edit_probs: uniform probabilities, then token 3's value replaced
+    both = resolve([("", [Uniform(), TokenValue(j=3, w=w)])], SITES)
+    out2, _ = attend(cross, q, k, v, both, jnp.int32(0))
+    ref2 = np.einsum("bnts,btsnh->btnh", np.full_like(p, 1 / 7), vt)
+    np.testing.assert_allclose(out2, ref2, atol=2e-5)
+    # fused path: p is None, two ops in order
+    add = resolve([("", [AddOut(c=_f(1.0)), AddOut(c=_f(2.0))])], SITES)
+    out3, _ = attend(cross, q, k, v, add, jnp.int32(0))
+    np.testing.assert_allclose(out3, default_attention(q, k, v) + 3.0, atol=1e-6)
+
+
 def test_policy_output_shape_checked():
     """A policy returning a wrongly shaped output is caught at the seam."""
 

@@ -29,7 +29,9 @@ __all__ = ["sample", "SamplerHooks", "guided_eps", "per_sample_keys", "initial_n
            "UNetFn", "reimposition"]
 
 # unet_fn(latents (B', h, w, C), timesteps (B',), context (B', S, D), policy, step)
-#   -> (eps (B', h, w, C), aux dict)
+#   -> (eps (B', h, w, C), aux dict). The context may be a pytree whose every leaf has the
+# batch axis first (SDXL: {"context": (B', S, D), "text_embeds": (B', P), "time_ids":
+# (B', 6)}, see jattn.pipeline.Pipeline.unet_fn); the loop only concatenates and indexes it.
 UNetFn = Callable[[Array, Array, Array, Any, Array], tuple[Array, dict]]
 
 
@@ -176,7 +178,8 @@ def guided_eps(unet_fn: UNetFn, x_in: Array, t: Array, cond: Array, uncond: Arra
 
     Args:
       x_in: ``(B, h, w, C)`` model input (after ``scale_model_input``).
-      t: () timestep; cond / uncond: ``(B, S, D)``, ``uncond`` None for no CFG.
+      t: () timestep; cond / uncond: ``(B, S, D)`` or a pytree of ``(B, ...)`` leaves of
+        the same structure (SDXL's conditioning), ``uncond`` None for no CFG.
       guidance_scale: () or broadcastable to ``(B, 1, 1, 1)``; guidance_rescale: ().
     Returns:
       ``(eps (B, h, w, C) float32, aux)``: ``e_u + s (e_c - e_u)`` (then rescaled, see
@@ -185,7 +188,8 @@ def guided_eps(unet_fn: UNetFn, x_in: Array, t: Array, cond: Array, uncond: Arra
     b = x_in.shape[0]
     if uncond is not None:
         x_in = jnp.concatenate([x_in, x_in], axis=0)
-        ctx = jnp.concatenate([uncond, cond], axis=0)
+        ctx = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0),
+                                     uncond, cond)
     else:
         ctx = cond
     eps, aux = unet_fn(x_in, jnp.broadcast_to(t, (x_in.shape[0],)), ctx, policy, i)
@@ -234,8 +238,10 @@ def sample(
       schedule: from :func:`jattn.sampling.schedulers.make_schedule` (static kind/steps).
       latents: ``(B, h, w, C)`` initial latents already multiplied by
         ``schedule.init_noise_sigma`` (or the inverted latents for real-image editing).
-      cond: ``(B, S, D)`` prompt embeddings.
-      uncond: ``(B, S, D)`` negative/unconditional embeddings, or ``None`` for no CFG.
+      cond: ``(B, S, D)`` prompt embeddings, or a pytree of ``(B, ...)`` leaves handed to
+        ``unet_fn`` as is (SDXL: ``{"context", "text_embeds", "time_ids"}``).
+      uncond: negative/unconditional conditioning of ``cond``'s structure, or ``None`` for
+        no CFG.
       guidance_scale: CFG scale (scalar or ``(B,)``), traced: changing it never recompiles.
       keys: ``(B,)`` PRNG keys, one per sample (stochastic schedulers fold in the step).
       policy: attention policy passed to every UNet call with the step index.
@@ -245,7 +251,8 @@ def sample(
         ``{"latents", "step", "x0", "aux"}`` returning the same structure (e.g. local blend,
         latent re-imposition).
       uncond_per_step: ``(n_steps, B, S, D)`` unconditional embeddings per step (null-text
-        inversion); overrides ``uncond``.
+        inversion), or ``uncond``'s pytree with a leading step axis on every leaf;
+        overrides ``uncond``.
       guidance: a :class:`jattn.sampling.guidance.Guidance` (attention loss, gradient step
         on the latents before each denoising step where its step size is non-zero).
       guidance_rescale: phi in [0, 1], traced: the CFG output is rescaled to the standard
@@ -301,7 +308,8 @@ def sample(
         x_in = sch.scale_model_input(schedule, x, i)
         u = None
         if do_cfg:
-            u = uncond_per_step[i] if uncond_per_step is not None else uncond
+            u = (jax.tree_util.tree_map(lambda a: a[i], uncond_per_step)
+                 if uncond_per_step is not None else uncond)
         pol = _bind_policy(policy, acc)
         eps, aux = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, pol, i)
         if hooks.second_scale is not None:  # second pass: eps_2 + s (eps - eps_2)

@@ -195,10 +195,12 @@ class _Embeddings(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: Array) -> Array:
+    def __call__(self, input_ids: Array, inputs_embeds: Array | None = None) -> Array:
         cfg = self.config
         tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                        name="token_embedding")(input_ids)
+        if inputs_embeds is not None:  # token embeddings given (e.g. a learned subject token)
+            tok = inputs_embeds.astype(tok.dtype)
         pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
                        name="position_embedding")(jnp.arange(input_ids.shape[1])[None])
         return tok + pos
@@ -229,10 +231,10 @@ class _TextTransformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, output_hidden_states):
+    def __call__(self, input_ids, attention_mask, output_hidden_states, inputs_embeds=None):
         cfg = self.config
         b, s = input_ids.shape
-        x = _Embeddings(cfg, self.dtype, name="embeddings")(input_ids)  # (B, S, D)
+        x = _Embeddings(cfg, self.dtype, name="embeddings")(input_ids, inputs_embeds)  # (B, S, D)
         mask = jnp.tril(jnp.ones((s, s), dtype=bool))[None, None]  # (1, 1, T, S)
         if attention_mask is not None:
             mask = mask & (attention_mask.astype(bool)[:, None, None, :])  # (B, 1, T, S)
@@ -266,7 +268,8 @@ class CLIPTextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-                 output_hidden_states: bool = False) -> dict[str, Any]:
+                 output_hidden_states: bool = False, inputs_embeds: Array | None = None
+                 ) -> dict[str, Any]:
         """Encode token ids.
 
         Args:
@@ -275,6 +278,10 @@ class CLIPTextModel(nn.Module):
             causal mask. A query row whose keys are all masked (left padding) attends
             uniformly, as transformers' eager attention does.
           output_hidden_states: also return the per-layer states.
+          inputs_embeds: optional ``(B, S, D)`` token embeddings used instead of the
+            lookup of ``input_ids`` (position embeddings are still added; ``input_ids``
+            still choose the pooled token), as transformers' ``inputs_embeds``: e.g. a
+            subject token predicted per row by an image encoder.
         Returns:
           dict with ``last_hidden_state`` ``(B, S, D)`` (after the final LayerNorm),
           ``pooler_output`` ``(B, D)`` (the end-of-text token's state; see
@@ -285,8 +292,13 @@ class CLIPTextModel(nn.Module):
           ValueError: ``input_ids`` not 2-D or longer than ``max_position_embeddings``.
         """
         _check_ids("CLIPTextModel", input_ids, self.config)
+        if inputs_embeds is not None and inputs_embeds.shape != (*input_ids.shape,
+                                                                 self.config.hidden_size):
+            raise ValueError(f"CLIPTextModel: inputs_embeds must be (B, S, "
+                             f"{self.config.hidden_size}) like input_ids {input_ids.shape}, "
+                             f"got {inputs_embeds.shape}")
         return _TextTransformer(self.config, self.dtype, name="text_model")(
-            input_ids, attention_mask, output_hidden_states)
+            input_ids, attention_mask, output_hidden_states, inputs_embeds)
 
 
 def _check_ids(owner: str, input_ids, config: CLIPTextConfig) -> None:

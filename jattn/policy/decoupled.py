@@ -69,7 +69,8 @@ class DecoupledImageAttention(Op):
         d = self.tokens.shape[-1]
         if wk.shape != (d, width) or wv.shape != (d, width):
             raise PolicyError(f"DecoupledImageAttention at {site.path}: kernels {wk.shape}, "
-                              f"{wv.shape}; expected ({d}, {width}) (token width × heads·head_dim)")
+                              f"{wv.shape}; expected ({d}, {width}) "
+                              "(token width × heads·head_dim)")
         tokens = self.tokens
         if tokens.shape[0] not in (1, batch):
             raise PolicyError(f"DecoupledImageAttention: tokens have batch {tokens.shape[0]}, "

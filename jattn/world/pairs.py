@@ -70,7 +70,8 @@ def heldout_subject_pairs(seed: int = 0) -> frozenset:
     once, none of the world's :data:`HELD_OUT_PAIRS`; a pure function of ``seed``."""
     rng = np.random.default_rng([seed, 1313])
     while True:
-        shapes = list(rng.permutation(len(SHAPES))) + list(rng.choice(len(SHAPES), 2, replace=False))
+        shapes = (list(rng.permutation(len(SHAPES)))
+                  + list(rng.choice(len(SHAPES), 2, replace=False)))
         order = rng.permutation(len(COLORS))
         pairs = {(COLORS[c], SHAPES[shapes[i]]) for i, c in enumerate(order)}
         if not pairs & HELD_OUT_PAIRS and len(pairs) == len(COLORS):

@@ -11,12 +11,17 @@ h/w latent height/width in cells, D context width.
 * Flax module names are diffusers' names with ``_`` before list indices
   (``down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_out_0``), so
   :func:`jattn.io.convert.state_dict_to_params` maps diffusers state dicts key by key.
-* Covers SD1.x and SD2.x (:class:`UNetConfig`); SDXL's added text/time embeddings are
-  rejected with a clear error. Blocks take per-block transformer depth, heads and
-  ``only_cross_attention`` already, so SDXL needs only the added embedding.
+* Covers SD1.x, SD2.x and SDXL (:class:`UNetConfig`). Blocks take per-block transformer
+  depth (SDXL: 1, 2, 10), heads and ``only_cross_attention``; SDXL's added text/time
+  conditioning (``addition_embed_type="text_time"``) is one entry of
+  :data:`ADDED_EMBEDDINGS`, a registry of added-embedding kinds (a new kind is one class
+  there, the blocks are untouched). The call takes it as ``added_cond``, diffusers'
+  ``added_cond_kwargs`` (SDXL: ``{"text_embeds": (B, P), "time_ids": (B, K)}``).
 
 Reference: diffusers ``models/unets/unet_2d_condition.py`` and ``unet_2d_blocks.py``
-(Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
+(Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models";
+Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+Synthesis", the added size/crop conditioning of section 2.2).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ Array = jax.Array
 __all__ = [
     "UNetConfig",
     "UNet2DConditionModel",
+    "ADDED_EMBEDDINGS",
+    "TextTimeEmbedding",
     "list_sites",
     "list_feature_sites",
     "init_params",
@@ -50,6 +57,7 @@ __all__ = [
     "convert_unet_state_dict",
     "unet_state_dict",
     "timestep_features",
+    "dummy_added_cond",
 ]
 
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -61,8 +69,6 @@ _MUST_BE_DEFAULT: dict[str, tuple] = {
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "resnet_time_scale_shift": ("default",),
@@ -88,6 +94,7 @@ _KNOWN = set(_MUST_BE_DEFAULT) | {
     "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
     "num_attention_heads", "use_linear_projection", "upcast_attention",
     "time_embedding_type", "addition_embed_type", "addition_embed_type_num_heads",
+    "addition_time_embed_dim", "projection_class_embeddings_input_dim",
     # only read by UNetMidBlock2DSimpleCrossAttn, which is not supported
     "mid_block_only_cross_attention",
 }
@@ -128,6 +135,12 @@ class UNetConfig:
       transformer_layers_per_block: transformer blocks inside each attention module.
       only_cross_attention: per block, ``attn1`` attends to the context too.
       sample_size: latent side in cells (int or ``(h, w)``), or None.
+      addition_embed_type: the added conditioning, a key of :data:`ADDED_EMBEDDINGS`
+        (``"text_time"``: SDXL's pooled text embedding + micro-conditioning time ids), or
+        None (SD1.x/SD2.x).
+      addition_time_embed_dim: ``"text_time"``: sinusoidal features per time id (SDXL 256).
+      projection_class_embeddings_input_dim: ``"text_time"``: input width of
+        ``add_embedding``, P + K * addition_time_embed_dim (SDXL base 1280 + 6 * 256 = 2816).
     Raises:
       ValueError: on inconsistent lengths, unknown block types, channels not divisible by
         the heads or the norm groups.
@@ -158,6 +171,9 @@ class UNetConfig:
     mid_block_scale_factor: float = 1.0
     act_fn: str = "silu"
     time_embedding_type: str = "positional"
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -193,6 +209,19 @@ class UNetConfig:
         if self.time_embedding_type != "positional":
             raise ValueError(f"UNetConfig: time_embedding_type {self.time_embedding_type!r} is "
                              "not supported (positional)")
+        if self.addition_embed_type is None:
+            extra = [k for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+                     if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"UNetConfig: {', '.join(extra)} set without an added "
+                                 "embedding; set addition_embed_type (e.g. 'text_time', SDXL) "
+                                 "or leave them None")
+        elif self.addition_embed_type not in ADDED_EMBEDDINGS:
+            raise ValueError(f"UNetConfig: addition_embed_type {self.addition_embed_type!r} is "
+                             f"not supported (supported: None, "
+                             f"{', '.join(map(repr, sorted(ADDED_EMBEDDINGS)))})")
+        else:
+            ADDED_EMBEDDINGS[self.addition_embed_type].check_config(self)
         for c, heads in zip(self.block_out_channels, self.num_heads):
             if c % heads:
                 raise ValueError(f"UNetConfig: {c} channels not divisible by {heads} heads")
@@ -228,8 +257,9 @@ class UNetConfig:
           jattn.io.checkpoint.CheckpointConfigError (a ValueError): a value of the wrong
             type or out of range, or a required key missing (names the key, the value
             and what is expected).
-          ValueError: for SDXL (``addition_embed_type="text_time"``), any other option this
-            UNet does not implement (non-default value), or an unknown key.
+          ValueError: an ``addition_embed_type`` other than null / ``"text_time"`` (SDXL),
+            any other option this UNet does not implement (non-default value), or an
+            unknown key.
         """
         from jattn.io import checkpoint as ck
 
@@ -240,11 +270,12 @@ class UNetConfig:
                 f"{type(config).__name__}.")
         cfg = dict(config)
         add = cfg.get("addition_embed_type")
-        if add == "text_time":
-            raise ValueError("UNetConfig: SDXL is not supported yet (addition_embed_type="
-                             "'text_time': added text/time embeddings)")
         if add is not None:
-            raise ValueError(f"UNetConfig: addition_embed_type={add!r} is not supported")
+            add = ck.config_str(o, "addition_embed_type", add)
+            if add not in ADDED_EMBEDDINGS:
+                raise ValueError(
+                    f"UNetConfig: addition_embed_type={add!r} is not supported (supported: "
+                    f"null, {', '.join(map(repr, sorted(ADDED_EMBEDDINGS)))})")
         unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _KNOWN)
         if unknown:
             raise ValueError(f"UNetConfig: unknown diffusers config keys {unknown}")
@@ -298,6 +329,10 @@ class UNetConfig:
         only_cross = cfg.get("only_cross_attention", False)
         only_cross = ck.config_list(o, "only_cross_attention", only_cross, ck.config_bool,
                                     length=n, scalar=True, what="true/false")
+        def opt_int(key):
+            value = cfg.get(key)
+            return None if value is None else ck.config_int(o, key, value, **pos)
+
         mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
         if mid is not None:
             mid = ck.config_str(o, "mid_block_type", mid)
@@ -329,6 +364,9 @@ class UNetConfig:
             act_fn=ck.config_str(o, "act_fn", cfg.get("act_fn", "silu")),
             time_embedding_type=ck.config_str(o, "time_embedding_type",
                                               cfg.get("time_embedding_type", "positional")),
+            addition_embed_type=add,
+            addition_time_embed_dim=opt_int("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=opt_int("projection_class_embeddings_input_dim"),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -364,6 +402,9 @@ class UNetConfig:
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
             "time_embedding_type": self.time_embedding_type,
+            "addition_embed_type": self.addition_embed_type,
+            "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
         }
 
 
@@ -678,6 +719,137 @@ def timestep_features(config: UNetConfig, timesteps: Array, batch: int) -> Array
                               freq_shift=config.freq_shift)
 
 
+# --------------------------------------------------------------------------- added conditioning
+
+
+class AddedEmbedding:
+    """One kind of added conditioning (diffusers' ``addition_embed_type``), added to the
+    time embedding before the blocks. A registry entry of :data:`ADDED_EMBEDDINGS`.
+
+    Subclasses set ``kind`` and ``keys`` and implement the four methods; ``embed`` is called
+    inside :class:`UNet2DConditionModel`'s compact ``__call__``, so the modules it creates
+    are the UNet's children, named as diffusers names them (the converter maps them key by
+    key). The blocks never see the added conditioning: only ``temb`` changes.
+    """
+
+    kind: str = ""
+    keys: tuple[str, ...] = ()
+
+    def check_config(self, config: UNetConfig) -> None:
+        """Raise ValueError naming the config fields this kind needs and lacks."""
+        raise NotImplementedError
+
+    def expected(self, config: UNetConfig) -> str:
+        """The ``added_cond`` this kind takes, in words (for error messages)."""
+        raise NotImplementedError
+
+    def dummy(self, config: UNetConfig, batch: int) -> dict:
+        """``added_cond`` of ``jax.ShapeDtypeStruct`` leaves (for ``eval_shape``)."""
+        raise NotImplementedError
+
+    def embed(self, config: UNetConfig, added_cond: Mapping[str, Array], batch: int,
+              dtype) -> Array:
+        """``(B, time_embed_dim)`` in ``dtype``, after :meth:`validate`."""
+        raise NotImplementedError
+
+    def validate(self, config: UNetConfig, added_cond, batch: int) -> dict[str, Array]:
+        """``added_cond`` checked against ``keys`` (ValueError naming ``added_cond``, the
+        expected keys and shapes), arrays ``(1 or B, …)`` broadcast to batch B."""
+        want = self.expected(config)
+        if added_cond is None:
+            raise ValueError(f"UNet: addition_embed_type={self.kind!r} needs added_cond="
+                             f"{want} (diffusers' added_cond_kwargs); got None")
+        if not isinstance(added_cond, Mapping):
+            raise ValueError(f"UNet: added_cond must be a dict {want}; got "
+                             f"{type(added_cond).__name__}")
+        missing = [k for k in self.keys if k not in added_cond]
+        extra = sorted(str(k) for k in added_cond if k not in self.keys)
+        if missing or extra:
+            parts = ([f"missing {missing}"] if missing else []) + (
+                [f"unexpected {extra}"] if extra else [])
+            raise ValueError(f"UNet: added_cond keys {'; '.join(parts)}: expected {want}")
+        out = {}
+        for k in self.keys:
+            a = jnp.asarray(added_cond[k])
+            if a.ndim != 2 or a.shape[0] not in (1, batch):
+                raise ValueError(f"UNet: added_cond[{k!r}] has shape {a.shape}, expected "
+                                 f"(B={batch}, …) 2-D (or batch 1): {want}")
+            out[k] = jnp.broadcast_to(a, (batch, a.shape[1]))
+        return out
+
+
+class TextTimeEmbedding(AddedEmbedding):
+    """SDXL's ``addition_embed_type="text_time"`` (diffusers ``get_aug_embed``).
+
+    ``added_cond = {"text_embeds": (B, P), "time_ids": (B, K)}``: the K time ids (SDXL:
+    original h, w, crop top, left, target h, w) each get ``addition_time_embed_dim``
+    sinusoidal features (``add_time_proj``: :func:`timestep_embedding` with the UNet's
+    ``flip_sin_to_cos`` / ``freq_shift``), flattened to ``(B, K * T)``; concatenated AFTER
+    ``text_embeds`` (the pooled projected text embedding) and mapped by
+    ``add_embedding = TimestepEmbedding(P + K*T -> time_embed_dim)``; the result is added
+    to the time embedding. Features in float32, cast to the computation dtype before
+    ``add_embedding`` (as diffusers casts to ``emb.dtype``).
+    """
+
+    kind = "text_time"
+    keys = ("text_embeds", "time_ids")
+
+    def check_config(self, config):
+        need = [k for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+                if not isinstance(getattr(config, k), int) or getattr(config, k) < 1]
+        if need:
+            raise ValueError(f"UNetConfig: addition_embed_type='text_time' needs "
+                             f"{' and '.join(need)} (integers >= 1; SDXL base: "
+                             "addition_time_embed_dim 256, projection_class_embeddings_input_dim"
+                             " 2816)")
+
+    def expected(self, config):
+        t, p = config.addition_time_embed_dim, config.projection_class_embeddings_input_dim
+        return ("{'text_embeds': (B, P) float, 'time_ids': (B, K) float} with P + K * "
+                f"{t} (addition_time_embed_dim) = {p} (projection_class_embeddings_input_dim)"
+                "; SDXL base: text_embeds (B, 1280) pooled text embedding of text_encoder_2, "
+                "time_ids (B, 6) = original size, crop top-left, target size")
+
+    def dummy(self, config, batch):
+        t, p = config.addition_time_embed_dim, config.projection_class_embeddings_input_dim
+        k = max(0, min(6, (p - 1) // t))  # SDXL's split when it fits; params need only P+K*T
+        return {"text_embeds": jax.ShapeDtypeStruct((batch, p - k * t), jnp.float32),
+                "time_ids": jax.ShapeDtypeStruct((batch, k), jnp.float32)}
+
+    def embed(self, config, added_cond, batch, dtype):
+        cond = self.validate(config, added_cond, batch)
+        text, ids = cond["text_embeds"], cond["time_ids"]
+        t = config.addition_time_embed_dim
+        if text.shape[1] + ids.shape[1] * t != config.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"UNet: added_cond widths text_embeds {text.shape[1]} + time_ids "
+                f"{ids.shape[1]} * {t} = {text.shape[1] + ids.shape[1] * t} != "
+                f"projection_class_embeddings_input_dim "
+                f"{config.projection_class_embeddings_input_dim}: expected "
+                f"{self.expected(config)}")
+        feats = timestep_embedding(ids.reshape(-1), t, flip_sin_to_cos=config.flip_sin_to_cos,
+                                   freq_shift=config.freq_shift)  # (B*K, T) float32
+        feats = feats.reshape(batch, ids.shape[1] * t)
+        x = jnp.concatenate([text.astype(jnp.float32), feats], axis=-1).astype(dtype)
+        return TimestepEmbedding(config.time_embed_dim, dtype=dtype, name="add_embedding")(x)
+
+
+# addition_embed_type -> its added embedding; a new variant is one entry here
+ADDED_EMBEDDINGS: dict[str, AddedEmbedding] = {"text_time": TextTimeEmbedding()}
+
+
+def _added_embedding(config: UNetConfig, added_cond, batch: int, dtype) -> Array | None:
+    """The added embedding ``(B, time_embed_dim)`` or None (no added conditioning)."""
+    if config.addition_embed_type is None:
+        if added_cond is not None and not (isinstance(added_cond, Mapping) and not added_cond):
+            keys = list(added_cond) if isinstance(added_cond, Mapping) else type(added_cond)
+            raise ValueError(f"UNet: added_cond was given ({keys}) but this UNet has no added "
+                             "conditioning (addition_embed_type None, e.g. SD1.x/SD2.x); pass "
+                             "added_cond=None")
+        return None
+    return ADDED_EMBEDDINGS[config.addition_embed_type].embed(config, added_cond, batch, dtype)
+
+
 class UNet2DConditionModel(nn.Module):
     """Stable Diffusion's conditional UNet, NHWC, attention through the policy seam.
 
@@ -690,6 +862,11 @@ class UNet2DConditionModel(nn.Module):
       timesteps: scalar or ``(B,)`` DDPM timesteps (not step indices).
       encoder_hidden_states: ``(B, S, D)`` context (text encoder output), D =
         ``config.cross_attention_dim``.
+      added_cond: the added conditioning of ``config.addition_embed_type`` (diffusers'
+        ``added_cond_kwargs``), None without one. SDXL (``"text_time"``):
+        ``{"text_embeds": (B, P), "time_ids": (B, K)}`` float, P + K *
+        ``addition_time_embed_dim`` = ``projection_class_embeddings_input_dim``; a leading
+        dim of 1 broadcasts.
       policy: ``None`` or an attention policy (see :mod:`jattn.models.attention`); if it
         also has a ``feature`` method it is called at every feature site
         (:mod:`jattn.models.features`: resnet outputs, GroupNorms, FreeU's backbone/skip).
@@ -699,7 +876,8 @@ class UNet2DConditionModel(nn.Module):
       over every attention or feature site whose aux is non-empty (``{}`` without a
       policy).
     Raises:
-      ValueError: on a wrong channel count or context width.
+      ValueError: on a wrong channel count or context width; ``added_cond`` missing,
+        malformed (keys, shapes) or given to a UNet without added conditioning.
     """
 
     config: UNetConfig
@@ -714,7 +892,8 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array, *,
-                 policy=None, step=None) -> tuple[Array, dict]:
+                 added_cond: Mapping[str, Array] | None = None, policy=None,
+                 step=None) -> tuple[Array, dict]:
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNet: sample must be NHWC (B, h, w, {cfg.in_channels}), got "
@@ -727,6 +906,9 @@ class UNet2DConditionModel(nn.Module):
         feats = timestep_features(cfg, timesteps, b).astype(self.dtype)
         temb = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype,
                                  name="time_embedding")(feats)
+        added = _added_embedding(cfg, added_cond, b, self.dtype)
+        if added is not None:
+            temb = temb + added
         groups, eps, chans = cfg.norm_num_groups, cfg.norm_eps, cfg.block_out_channels
         n = len(chans)
 
@@ -790,6 +972,13 @@ def _dummy_inputs(config: UNetConfig, sample_size, context_tokens: int, batch: i
                                  jnp.float32))
 
 
+def dummy_added_cond(config: UNetConfig, batch: int = 1) -> dict | None:
+    """``added_cond`` of ``jax.ShapeDtypeStruct`` leaves for ``config`` (None without added
+    conditioning), e.g. for ``jax.eval_shape`` or ``lower`` without real inputs."""
+    kind = config.addition_embed_type
+    return None if kind is None else ADDED_EMBEDDINGS[kind].dummy(config, batch)
+
+
 def list_sites(config: UNetConfig, sample_size: int | tuple[int, int] | None = None,
                context_tokens: int = 77) -> list[AttentionSite]:
     """Every attention site of the UNet, in call order (no FLOPs: ``jax.eval_shape``).
@@ -808,10 +997,11 @@ def list_sites(config: UNetConfig, sample_size: int | tuple[int, int] | None = N
     x, t, ctx = _dummy_inputs(config, sample_size, context_tokens)
     recorder = SiteRecorder()
 
-    def run(x, t, ctx):
-        return model.init_with_output(jax.random.key(0), x, t, ctx, policy=recorder)
+    def run(x, t, ctx, added):
+        return model.init_with_output(jax.random.key(0), x, t, ctx, added_cond=added,
+                                      policy=recorder)
 
-    jax.eval_shape(run, x, t, ctx)
+    jax.eval_shape(run, x, t, ctx, dummy_added_cond(config))
     return list(recorder.sites)
 
 
@@ -832,10 +1022,11 @@ def list_feature_sites(config: UNetConfig,
     x, t, ctx = _dummy_inputs(config, sample_size, 1)
     recorder = FeatureSiteRecorder()
 
-    def run(x, t, ctx):
-        return model.init_with_output(jax.random.key(0), x, t, ctx, policy=recorder)
+    def run(x, t, ctx, added):
+        return model.init_with_output(jax.random.key(0), x, t, ctx, added_cond=added,
+                                      policy=recorder)
 
-    jax.eval_shape(run, x, t, ctx)
+    jax.eval_shape(run, x, t, ctx, dummy_added_cond(config))
     return list(recorder.sites)
 
 
@@ -844,8 +1035,9 @@ def param_shapes(config: UNetConfig) -> dict:
     model = UNet2DConditionModel(config)
     size = 2 ** (len(config.block_out_channels) - 1)
     x, t, ctx = _dummy_inputs(config, size, 1)
-    return jax.eval_shape(lambda x, t, ctx: model.init(jax.random.key(0), x, t, ctx),
-                          x, t, ctx)["params"]
+    return jax.eval_shape(
+        lambda x, t, ctx, added: model.init(jax.random.key(0), x, t, ctx, added_cond=added),
+        x, t, ctx, dummy_added_cond(config))["params"]
 
 
 def init_params(config: UNetConfig, key: Array) -> dict:

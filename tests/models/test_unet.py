@@ -269,7 +269,7 @@ def test_heads_misnomer_and_errors():
     cfg = UNetConfig.from_diffusers(dict(CONFIGS["sd1"], attention_head_dim=None,
                                          num_attention_heads=2))
     assert cfg.num_heads == (2, 2) and cfg.head_dims == (16, 32)
-    with pytest.raises(ValueError, match="SDXL is not supported yet"):
+    with pytest.raises(ValueError, match="text_time' needs addition_time_embed_dim"):
         UNetConfig.from_diffusers(dict(CONFIGS["sd1"], addition_embed_type="text_time"))
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         UNetConfig.from_diffusers(dict(CONFIGS["sd1"], resnet_time_scale_shift="scale_shift"))

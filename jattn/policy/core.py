@@ -15,7 +15,8 @@ Each op (:class:`Op`) may act at five stages of an attention call:
 1. ``qkv``: where Q, K, V come from (other members of the group, concatenation, AdaIN);
 2. ``logit_bias``: an additive logit bias (``-inf`` outside a box);
 3. ``edit_probs``: probability replacement / reweighting (forces materialised probs);
-4. ``record``: what is captured at the site (aux, aggregated by the sampler);
+4. ``record``: what is captured at the site (aux, aggregated by the sampler; also
+   ``record_qkv`` from the final Q, K, V);
 5. ``edit_output``: the attention output per head, edited (may read the probabilities
    when they are materialised, and the final Q, K, V).
 
@@ -152,6 +153,13 @@ class Op:
         return p
 
     def record(self, ctx: SiteContext, p_pre: Array | None, p_post: Array | None) -> dict:
+        return {}
+
+    def record_qkv(self, ctx: SiteContext, q: Array, k: Array, v: Array) -> dict:
+        """What to record from the final Q ``(B, T, N, H)``, K, V ``(B, S, N, H)`` (after
+        every op's :meth:`qkv`), merged into the op's :meth:`record` (e.g. a plain pass's
+        queries for ConsiStory's query blending, :mod:`jattn.policy.prepass`). Default:
+        nothing (no array op is added)."""
         return {}
 
     def edit_output(self, ctx: SiteContext, out: Array, p: Array | None, q: Array, k: Array,
@@ -317,7 +325,7 @@ class Policy:
         if not needs_probs:
             out = default_attention(q, k, v, upcast=upcast)
             for i, op in zip(idx, ops):
-                rec = op.record(ctx, None, None)
+                rec = {**op.record(ctx, None, None), **op.record_qkv(ctx, q, k, v)}
                 if rec:
                     aux[str(i)] = rec
             for op in ops:
@@ -331,7 +339,8 @@ class Policy:
         for op in ops:
             p = op.edit_probs(ctx, p)
         for i, op in zip(idx, ops):
-            rec = op.record(ctx, p if self.record_post_edit else p_pre, p)
+            rec = {**op.record(ctx, p if self.record_post_edit else p_pre, p),
+                   **op.record_qkv(ctx, q, k, v)}
             if rec:
                 aux[str(i)] = rec
         out = apply_probs(p.astype(v.dtype), v).astype(q.dtype)

@@ -86,6 +86,17 @@ class SamplerHooks:
         trajectory never recompiles.
       reimpose_rows: bool ``(B,)``: which rows are re-imposed (required with
         ``reimpose``).
+      pre_policy: a :class:`jattn.policy.core.Policy` (same layout as the main policy) or
+        None: a **pre-pass** per step, a UNet pass with this policy on the same model
+        input (CFG, if on, as the main pass) run before the main pass at the steps of
+        ``pre_window`` (``lax.cond``; elsewhere it does not run). Its records are folded
+        from ``pre_policy.aux_init()`` by ``pre_policy.aux_update`` at that step and handed
+        to the main policy's ops that have ``bind_pre_aux(pre_acc)`` before the main UNet
+        call (outside the window they get ``aux_init``); its eps is discarded. ConsiStory's
+        query blending (vanilla queries of the first steps, :mod:`jattn.policy.prepass`).
+      pre_window: int32 ``(2,)`` steps ``start <= i < end`` of the pre-pass (required with
+        ``pre_policy``). Dynamic: a new window never recompiles; an empty window leaves the
+        loop bit-identical to no pre-pass when no main op reads it.
     """
 
     noise: Array | None = None
@@ -94,6 +105,8 @@ class SamplerHooks:
     second_policy: Any = None
     reimpose: Array | None = None
     reimpose_rows: Array | None = None
+    pre_policy: Any = None
+    pre_window: Array | None = None
 
 
 def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) -> None:
@@ -126,6 +139,15 @@ def _check_hooks(hooks: SamplerHooks, schedule: sch.Schedule, latents: Array) ->
     elif hooks.reimpose_rows is not None:
         raise ValueError("hooks.reimpose_rows given without hooks.reimpose: give the "
                          "trajectory (n_steps, B, h, w, C) too")
+    if (hooks.pre_policy is None) != (hooks.pre_window is None):
+        raise ValueError("hooks.pre_policy and hooks.pre_window go together: give the "
+                         "pre-pass policy and its step window (start, end), or neither")
+    if hooks.pre_window is not None and tuple(jnp.shape(hooks.pre_window)) != (2,):
+        raise ValueError(f"hooks.pre_window: shape {tuple(jnp.shape(hooks.pre_window))}, "
+                         "expected int32 (2,) = (start, end) step indices")
+    if hooks.pre_policy is not None and not hasattr(hooks.pre_policy, "aux_update"):
+        raise ValueError("hooks.pre_policy: a jattn.policy.core.Policy (its records are "
+                         "folded by aux_init/aux_update and bound into the main policy)")
 
 
 def reimposition(trajectory: Array, offset: int = 0) -> tuple[Array, Array]:
@@ -160,14 +182,19 @@ def reimposition(trajectory: Array, offset: int = 0) -> tuple[Array, Array]:
     return zts[int(offset)], zts[jnp.asarray(idx)]
 
 
-def _bind_policy(policy: Any, acc: Any) -> Any:
+def _bind_policy(policy: Any, acc: Any, pre_acc: Any = None) -> Any:
     """Give ops that read the accumulators (``bind_aux``, e.g. a mask from another op's
-    recording) the accumulators as they are before this step's UNet call."""
+    recording) the accumulators as they are before this step's UNet call, and ops that
+    read the pre-pass (``bind_pre_aux``) its accumulators of this step."""
     ops = getattr(policy, "ops", None)
-    if acc is None or not ops or not any(hasattr(op, "bind_aux") for op in ops):
+    if not ops:
         return policy
-    return policy.replace(ops=tuple(op.bind_aux(acc) if hasattr(op, "bind_aux") else op
-                                    for op in ops))
+    if acc is not None and any(hasattr(op, "bind_aux") for op in ops):
+        ops = tuple(op.bind_aux(acc) if hasattr(op, "bind_aux") else op for op in ops)
+    if pre_acc is not None and any(hasattr(op, "bind_pre_aux") for op in ops):
+        ops = tuple(op.bind_pre_aux(pre_acc) if hasattr(op, "bind_pre_aux") else op
+                    for op in ops)
+    return policy if ops is policy.ops else policy.replace(ops=ops)
 
 
 def guided_eps(unet_fn: UNetFn, x_in: Array, t: Array, cond: Array, uncond: Array | None,
@@ -310,7 +337,17 @@ def sample(
         if do_cfg:
             u = (jax.tree_util.tree_map(lambda a: a[i], uncond_per_step)
                  if uncond_per_step is not None else uncond)
-        pol = _bind_policy(policy, acc)
+        pre_acc = None
+        if hooks.pre_policy is not None:  # pre-pass: records bound into the main pass
+            pre0 = hooks.pre_policy.aux_init()
+            w = jnp.asarray(hooks.pre_window, jnp.int32)
+
+            def pre(a0):
+                _, aux_p = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, hooks.pre_policy, i)
+                return hooks.pre_policy.aux_update(a0, aux_p, i)
+
+            pre_acc = jax.lax.cond((i >= w[0]) & (i < w[1]), pre, lambda a0: a0, pre0)
+        pol = _bind_policy(policy, acc, pre_acc)
         eps, aux = guided_eps(unet_fn, x_in, t, cond, u, gs, gr, pol, i)
         if hooks.second_scale is not None:  # second pass: eps_2 + s (eps - eps_2)
             s_i = hooks.second_scale[i]

@@ -5,12 +5,27 @@ encoding, the compiled sampler loop and VAE decoding, each under ``jax.jit``. Co
 programs are cached per static configuration (image size, steps, scheduler kind, CFG on/off,
 batch size, policy structure), so new prompts, seeds, guidance scales or policy arrays
 never recompile.
+
+Two model families, one pipeline (Stable Diffusion 1.x/2.x and SDXL, Podell et al. 2023),
+told apart by ``model_index.json`` and loaded from one component table each
+(:data:`SD_COMPONENTS`, :data:`SDXL_COMPONENTS`). The UNet's conditioning, carried through
+the one sampler loop as a pytree:
+
+* SD1/SD2: the prompt embeddings, a bare array ``(B, 77, D)``;
+* SDXL: ``{"context": (B, 77, D1 + D2), "text_embeds": (B, P), "time_ids": (B, 6)}`` —
+  both encoders' penultimate states concatenated, ``text_encoder_2``'s pooled projection,
+  and the micro-conditioning (original size, crop top-left, target size; sec. 2.2),
+  diffusers' ``prompt_embeds``, ``added_cond_kwargs``. :meth:`Pipeline.encode_prompts`
+  gives the text part (``{"context", "text_embeds"}``), :meth:`Pipeline.time_ids` the
+  rest. Reference: diffusers ``pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +36,7 @@ import numpy as np
 from jattn.io import checkpoint as ckpt
 from jattn.io import checks, interrupt
 from jattn.models import clip_text as clip_lib
+from jattn.models import sdxl_text
 from jattn.models import unet as unet_lib
 from jattn.models import vae as vae_lib
 from jattn.models.attention import AttentionSite
@@ -28,11 +44,47 @@ from jattn.policy.core import Policy
 from jattn.sampling import sampler as sampler_lib
 from jattn.sampling import schedulers as sch
 
-__all__ = ["Pipeline", "GenerateOutput", "load", "bundled_model_path", "DTYPES"]
+__all__ = ["Pipeline", "GenerateOutput", "load", "bundled_model_path", "DTYPES",
+           "SD_COMPONENTS", "SDXL_COMPONENTS", "SDXL_ONLY_ARGS"]
 
 SCHEDULERS = tuple(sch.SCHEDULER_NAMES)  # kinds + presets ("euler-ancestral", "dpm++2m-karras")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
           "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def _tokenizer(folder: Path):
+    from jattn.io.tokenizer import load_tokenizer
+
+    return load_tokenizer(folder)
+
+
+# The components of a checkpoint, one row each (folder, config type, converter, required):
+# jattn.load reads a folder through one of these tables; a new component (ControlNet,
+# LoRA, an image encoder) is one more row.
+SD_COMPONENTS: tuple[ckpt.Component, ...] = (
+    ckpt.Component("unet", "model", unet_lib.UNetConfig.from_diffusers,
+                   unet_lib.convert_unet_state_dict, what="the denoising UNet"),
+    ckpt.Component("vae", "model", vae_lib.VAEConfig.from_diffusers,
+                   vae_lib.convert_vae_state_dict, what="the autoencoder"),
+    ckpt.Component("text_encoder", "model", clip_lib.CLIPTextConfig.from_transformers,
+                   clip_lib.convert_clip_text_state_dict, what="the CLIP text encoder"),
+    ckpt.Component("scheduler", "config", sch.SchedulerConfig.from_diffusers,
+                   what="the noise schedule"),
+    ckpt.Component("tokenizer", "tokenizer", tokenizer=_tokenizer,
+                   what="the tokenizer of text_encoder"),
+)
+SDXL_COMPONENTS: tuple[ckpt.Component, ...] = SD_COMPONENTS + (
+    ckpt.Component("text_encoder_2", "model", clip_lib.CLIPTextConfig.from_transformers,
+                   functools.partial(clip_lib.convert_clip_text_state_dict,
+                                     with_projection=True),
+                   what="SDXL's second text encoder, a CLIPTextModelWithProjection"),
+    ckpt.Component("tokenizer_2", "tokenizer", tokenizer=_tokenizer,
+                   what="the tokenizer of text_encoder_2"),
+)
+# generate() arguments that only SDXL has (a clear error on SD1/SD2)
+SDXL_ONLY_ARGS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left",
+                  "target_size", "negative_original_size", "negative_crops_coords_top_left",
+                  "negative_target_size")
 
 
 def bundled_model_path() -> Path:
@@ -71,14 +123,19 @@ def _cast_tree(tree, dtype):
 
 @dataclasses.dataclass
 class Pipeline:
-    """A loaded Stable Diffusion model.
+    """A loaded Stable Diffusion (1.x/2.x) or SDXL model.
 
     Attributes:
       unet_config, vae_config, text_config, scheduler_config: typed configs.
       tokenizer: a transformers ``CLIPTokenizer``.
-      params: ``{"unet": …, "vae": …, "text_encoder": …}`` Flax param trees.
+      params: ``{"unet": …, "vae": …, "text_encoder": …}`` Flax param trees (SDXL: and
+        ``"text_encoder_2"``).
       dtype: computation and parameter dtype (float32, bfloat16 or float16).
       source: where it was loaded from.
+      text_config_2, tokenizer_2: SDXL's second text encoder (with projection) and its
+        tokenizer; None for SD1/SD2 (:attr:`is_sdxl`).
+      force_zeros_for_empty_prompt: SDXL (``model_index.json``, diffusers' default True):
+        without a negative prompt the negative conditioning is zeros, not the encoded "".
     """
 
     unet_config: unet_lib.UNetConfig
@@ -89,6 +146,9 @@ class Pipeline:
     params: dict
     dtype: Any = jnp.float32
     source: str = ""
+    text_config_2: clip_lib.CLIPTextConfig | None = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
     trace_counts: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -100,6 +160,23 @@ class Pipeline:
     @property
     def text_encoder(self) -> clip_lib.CLIPTextModel:
         return clip_lib.CLIPTextModel(self.text_config, dtype=self.dtype)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and the UNet's added text/time conditioning (SDXL)."""
+        return self.text_config_2 is not None
+
+    @property
+    def text_encoder_2(self) -> clip_lib.CLIPTextModelWithProjection:
+        return clip_lib.CLIPTextModelWithProjection(self.text_config_2, dtype=self.dtype)
+
+    @property
+    def vae_dtype(self) -> Any:
+        """The VAE's computation dtype: float32 on SDXL when ``vae/config.json`` asks for
+        ``force_upcast`` (diffusers' SDXL pipelines), else :attr:`dtype`."""
+        if self.is_sdxl and self.vae_config.force_upcast:
+            return jnp.float32
+        return self.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -122,19 +199,81 @@ class Pipeline:
 
     def _text_fn(self):
         if "text" not in self._cache:
-            module = self.text_encoder
+            if self.is_sdxl:
+                cfg, cfg_2, dtype = self.text_config, self.text_config_2, self.dtype
 
-            def encode(params, ids):
-                self._count("text")
-                return module.apply({"params": params}, ids)["last_hidden_state"]
+                def encode(params, ids, ids_2):
+                    self._count("text")
+                    ctx, pooled = sdxl_text.sdxl_text_embeddings(
+                        params, ids, ids_2, config=cfg, config_2=cfg_2, dtype=dtype)
+                    return {"context": ctx, "text_embeds": pooled}
+            else:
+                module = self.text_encoder
+
+                def encode(params, ids):
+                    self._count("text")
+                    return module.apply({"params": params}, ids)["last_hidden_state"]
 
             self._cache["text"] = jax.jit(encode)
         return self._cache["text"]
 
-    def encode_prompts(self, prompts: list[str], name: str = "prompt") -> jax.Array:
-        """Prompt embeddings ``(B, 77, D)`` (last hidden state of the text encoder)."""
-        ids = jnp.asarray(self.tokenize(list(prompts), name=name))
-        return self._text_fn()(self.params["text_encoder"], ids)
+    def encode_prompts(self, prompts: list[str], name: str = "prompt", *,
+                       prompts_2: list[str] | None = None, name_2: str | None = None):
+        """The text conditioning of B prompts.
+
+        SD1/SD2: the prompt embeddings ``(B, 77, D)`` (last hidden state of the text
+        encoder). SDXL: ``{"context": (B, 77, D1 + D2), "text_embeds": (B, P)}`` (both
+        encoders' penultimate hidden states concatenated, ``text_encoder_2``'s pooled
+        projection; :func:`jattn.models.sdxl_text.sdxl_text_embeddings`), with
+        ``prompts_2`` (default: ``prompts``, also when empty, as diffusers' ``prompt_2 or
+        prompt``) for ``text_encoder_2``. Either can be handed to :meth:`generate` as
+        ``prompt_embeds`` / ``uncond_embeds``; SDXL's ``time_ids`` are added there.
+
+        Raises:
+          ValueError: prompts over 77 tokens (naming ``name``); SDXL: ``prompts_2`` of
+            another count (naming ``name_2``, default ``name + "_2"``); SD1/SD2:
+            ``prompts_2`` given (one text encoder).
+        """
+        name_2 = name_2 or f"{name}_2"
+        prompts = list(prompts)
+        if not self.is_sdxl:
+            if prompts_2 is not None:
+                raise _sdxl_only(name_2)
+            ids = jnp.asarray(self.tokenize(prompts, name=name))
+            return self._text_fn()(self.params["text_encoder"], ids)
+        from jattn.io.tokenizer import tokenize
+
+        p2 = checks.prompt_list(prompts_2, name_2) if prompts_2 else prompts
+        if len(p2) == 1 and len(prompts) > 1 and isinstance(prompts_2, str):
+            p2 = p2 * len(prompts)
+        if len(p2) != len(prompts):
+            raise ValueError(f"{name_2}: got {len(p2)} for {len(prompts)} prompts in {name}; "
+                             "give one string or one per prompt.")
+        ids = jnp.asarray(self.tokenize(prompts, name=name))
+        ids_2 = jnp.asarray(tokenize(self.tokenizer_2, p2,
+                                     max_length=self.text_config_2.max_position_embeddings,
+                                     name=name_2))
+        params = {"text_encoder": self.params["text_encoder"],
+                  "text_encoder_2": self.params["text_encoder_2"]}
+        return self._text_fn()(params, ids, ids_2)
+
+    def time_ids(self, batch: int, height: int, width: int, original_size=None,
+                 crops_coords_top_left=None, target_size=None, *, prefix: str = ""
+                 ) -> jax.Array:
+        """SDXL's micro-conditioning ``(B, 6)`` float32 (Podell et al. 2023, sec. 2.2;
+        diffusers' ``_get_add_time_ids``): ``original_size + crops_coords_top_left +
+        target_size`` per row, each a pair ``(h, w)`` / ``(top, left)`` in pixels;
+        ``original_size`` and ``target_size`` default to ``(height, width)``, the crop to
+        ``(0, 0)``. ``prefix`` ("negative_") names the arguments in errors.
+
+        Raises:
+          ValueError: not a pair of whole numbers (sizes ≥ 1, crops ≥ 0), naming it.
+        """
+        o = _pair(original_size, prefix + "original_size", 1) or (height, width)
+        c = _pair(crops_coords_top_left, prefix + "crops_coords_top_left", 0) or (0, 0)
+        t = _pair(target_size, prefix + "target_size", 1) or (height, width)
+        row = np.asarray(o + c + t, np.float32)
+        return jnp.asarray(np.broadcast_to(row, (int(batch), row.shape[0])))
 
     # ------------------------------------------------------------------ vae
     def decoder_program(self):
@@ -143,10 +282,14 @@ class Pipeline:
         larger compiled program (e.g. :mod:`jattn.batch`'s micro-batched job program);
         :meth:`decode` runs it jitted."""
         cfg = self.vae_config
+        vdt = self.vae_dtype
+        upcast = np.dtype(vdt) != np.dtype(self.dtype)
 
         def decode(params, latents_nhwc):
             self._count("decode")
-            x = vae_lib.decode_latents(params, cfg, latents_nhwc.astype(self.dtype))
+            if upcast:  # SDXL's force_upcast: decode in float32
+                params = _cast_tree(params, vdt)
+            x = vae_lib.decode_latents(params, cfg, latents_nhwc.astype(vdt))
             x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return jnp.round(x * 255).astype(jnp.uint8)
 
@@ -164,10 +307,14 @@ class Pipeline:
     def _encode_fn(self):
         if "encode" not in self._cache:
             cfg = self.vae_config
+            vdt = self.vae_dtype
+            upcast = np.dtype(vdt) != np.dtype(self.dtype)
 
             def encode(params, images):
                 self._count("encode")
-                return vae_lib.encode_latents(params, cfg, images.astype(self.dtype)).astype(
+                if upcast:  # SDXL's force_upcast
+                    params = _cast_tree(params, vdt)
+                return vae_lib.encode_latents(params, cfg, images.astype(vdt)).astype(
                     jnp.float32)
 
             self._cache["encode"] = jax.jit(encode)
@@ -186,12 +333,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------ unet
     def unet_fn(self, params):
-        """``(latents, timesteps, context, policy, step) -> (eps, aux)`` closing over params."""
+        """``(latents, timesteps, context, policy, step) -> (eps, aux)`` closing over params.
+
+        ``context``: SD1/SD2 the prompt embeddings ``(B, S, D)``; SDXL the dict
+        ``{"context": (B, S, D), "text_embeds": (B, P), "time_ids": (B, 6)}`` (the last two
+        are the UNet's ``added_cond``)."""
         module = self.unet
         dtype = self.dtype
 
         def fn(x, t, ctx, policy, step):
             interrupt.check_in_graph()  # Ctrl-C stops here when enabled (jattn.io.interrupt)
+            if isinstance(ctx, Mapping):  # SDXL: text context + added text/time conditioning
+                added = {k: v for k, v in ctx.items() if k != "context"}
+                return module.apply({"params": params}, x.astype(dtype), t,
+                                    ctx["context"].astype(dtype), added_cond=added,
+                                    policy=policy, step=step)
             out, aux = module.apply({"params": params}, x.astype(dtype), t,
                                     ctx.astype(dtype), policy=policy, step=step)
             return out, aux
@@ -327,7 +483,9 @@ class Pipeline:
         else:
             prompts = [] if prompt is None else checks.prompt_list(prompt, "prompt",
                                                                    allow_empty_list=True)
-            b = int(np.shape(prompt_embeds)[0])
+            lead = (prompt_embeds.get("context") if isinstance(prompt_embeds, Mapping)
+                    else prompt_embeds)
+            b = int(np.shape(lead)[0])
         if np.dtype(self.dtype) == np.float16 and jax.default_backend() == "cpu":
             raise ValueError("dtype=float16: XLA on CPU has no float16 matrix products; load "
                              "with dtype='bfloat16' (same memory) or 'float32' on CPU.")
@@ -335,6 +493,70 @@ class Pipeline:
         steps = checks.whole_number(num_inference_steps, "num_inference_steps", minimum=1,
                                     maximum=self.scheduler_config.num_train_timesteps)
         return b, prompts, seeds, self.check_size(height, width, b), steps
+
+    def _negatives(self, b: int, negative_prompt, name: str = "negative_prompt") -> list[str]:
+        negs = checks.prompt_list(negative_prompt if negative_prompt is not None else "", name)
+        negs = negs * b if isinstance(negative_prompt, (str, type(None))) else negs
+        if len(negs) != b:
+            raise ValueError(f"{name}: got {len(negs)} for {b} prompts; give one string or "
+                             "one per prompt.")
+        return negs
+
+    def _sd_conditioning(self, b, prompts, negative_prompt, prompt_embeds, uncond_embeds,
+                         uncond_per_step, do_cfg):
+        """SD1/SD2: ``(cond (B, 77, D), uncond)``; ``uncond`` is ``cond`` (unused) without
+        CFG or with ``uncond_per_step``."""
+        cond = prompt_embeds if prompt_embeds is not None else self.encode_prompts(prompts)
+        if do_cfg and uncond_per_step is None:
+            if uncond_embeds is not None:
+                return cond, uncond_embeds
+            negs = self._negatives(b, negative_prompt)
+            return cond, self.encode_prompts(negs, name="negative_prompt")
+        return cond, cond  # placeholder, unused without CFG (keeps one signature)
+
+    def _sdxl_conditioning(self, b, prompts, negative_prompt, prompt_embeds, uncond_embeds,
+                           uncond_per_step, do_cfg, height, width, *, prompt_2,
+                           negative_prompt_2, original_size, crops_coords_top_left,
+                           target_size, negative_original_size,
+                           negative_crops_coords_top_left, negative_target_size):
+        """SDXL: ``(cond, uncond, uncond_per_step)`` as ``{"context", "text_embeds",
+        "time_ids"}`` pytrees (diffusers' ``StableDiffusionXLPipeline.__call__``: prompt
+        embeddings, pooled ``add_text_embeds``, ``add_time_ids``)."""
+        tid = self.time_ids(b, height, width, original_size, crops_coords_top_left,
+                            target_size)
+        neg_tid = self.time_ids(
+            b, height, width,
+            original_size if negative_original_size is None else negative_original_size,
+            crops_coords_top_left if negative_crops_coords_top_left is None
+            else negative_crops_coords_top_left,
+            target_size if negative_target_size is None else negative_target_size,
+            prefix="negative_")
+        if prompt_embeds is not None:
+            text = _sdxl_embeds(prompt_embeds, "prompt_embeds", b)
+        else:
+            text = self.encode_prompts(prompts, "prompt", prompts_2=_maybe_list(prompt_2),
+                                       name_2="prompt_2")
+        cond = {"time_ids": tid, **text}
+        if not do_cfg:
+            return cond, cond, None  # placeholder, unused without CFG
+        if uncond_per_step is not None:
+            per = _sdxl_embeds(uncond_per_step, "uncond_per_step", b, per_step=True)
+            n = per["context"].shape[0]
+            per = {"time_ids": jnp.broadcast_to(neg_tid, (n,) + neg_tid.shape), **per}
+            return cond, cond, per
+        if uncond_embeds is not None:
+            return cond, {"time_ids": neg_tid, **_sdxl_embeds(uncond_embeds, "uncond_embeds",
+                                                              b)}, None
+        if (negative_prompt is None and negative_prompt_2 is None
+                and self.force_zeros_for_empty_prompt):
+            zeros = {k: jnp.zeros_like(v) for k, v in text.items() if k != "time_ids"}
+            return cond, {**zeros, "time_ids": neg_tid}, None
+        negs = self._negatives(b, negative_prompt)
+        negs_2 = (self._negatives(b, negative_prompt_2, "negative_prompt_2")
+                  if negative_prompt_2 else None)
+        un = self.encode_prompts(negs, "negative_prompt", prompts_2=negs_2,
+                                 name_2="negative_prompt_2")
+        return cond, {**un, "time_ids": neg_tid}, None
 
     def generate(
         self,
@@ -358,6 +580,14 @@ class Pipeline:
         guidance_rescale: float = 0.0,
         decode: bool = True,
         hooks: Any = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerateOutput:
         """Generate images, one per prompt.
 
@@ -375,9 +605,12 @@ class Pipeline:
             ``latents=``); ``init_noise_sigma`` is applied here.
           policy: attention policy; ``aux_fns`` = ``(aux_init(policy, latents),
             aux_update(acc, aux, i), callback)`` for in-graph aggregation.
-          prompt_embeds / uncond_embeds: ``(B, 77, D)`` embeddings replacing the prompts.
+          prompt_embeds / uncond_embeds: ``(B, 77, D)`` embeddings replacing the prompts
+            (SDXL: :meth:`encode_prompts`' ``{"context", "text_embeds"}``; a ``"time_ids"``
+            entry ``(B, 6)``, if present, replaces the micro-conditioning arguments).
           uncond_per_step: ``(steps, B, 77, D)`` per-step unconditional embeddings
-            (null-text inversion).
+            (null-text inversion); SDXL: ``{"context", "text_embeds"}`` with the step axis
+            first on each.
           guidance: :class:`jattn.sampling.guidance.Guidance`: a loss on recorded attention,
             a gradient step on the latents inside the loop.
           guidance_rescale: phi in [0, 1] (diffusers' ``guidance_rescale``; Lin et al. 2024
@@ -386,6 +619,18 @@ class Pipeline:
           decode: decode latents to images (else ``images`` is None).
           hooks: :class:`jattn.sampling.sampler.SamplerHooks` (per-step noise maps, start
             step), passed to the sampler loop as is.
+          prompt_2, negative_prompt_2: SDXL only: the prompts of ``text_encoder_2``
+            (default: ``prompt`` / ``negative_prompt``, also when empty, as diffusers); one
+            string or one per prompt. Without any negative prompt and with
+            ``force_zeros_for_empty_prompt`` (SDXL base) the negative conditioning is zeros.
+          original_size, crops_coords_top_left, target_size: SDXL only: the
+            micro-conditioning ``(h, w)``, ``(top, left)``, ``(h, w)`` in pixels (default
+            ``(height, width)``, ``(0, 0)``, ``(height, width)``, diffusers').
+          negative_original_size, negative_crops_coords_top_left, negative_target_size:
+            SDXL only: the negative rows' micro-conditioning; each defaults to its positive
+            counterpart. (diffusers uses the negative values only when both negative sizes
+            are given, with ``(0, 0)`` for a missing negative crop; the two agree whenever
+            all three or none are given.)
         Returns:
           :class:`GenerateOutput`.
         Raises:
@@ -395,8 +640,19 @@ class Pipeline:
             seeds outside ``[0, 2**32 - 1]`` (also ``seed + i``); a step count < 1, not
             whole or over the training timesteps; a negative or non-finite guidance scale
             or eta; guidance_rescale outside [0, 1]; latents of the wrong shape, not float
-            or not finite; negative prompts of the wrong count; float16 on CPU.
+            or not finite; negative prompts of the wrong count; float16 on CPU; SDXL:
+            ``prompt_2`` / ``negative_prompt_2`` of the wrong count, micro-conditioning
+            that is not a pair of whole numbers; SD1/SD2: any SDXL-only argument.
         """
+        xl = dict(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                  original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                  target_size=target_size, negative_original_size=negative_original_size,
+                  negative_crops_coords_top_left=negative_crops_coords_top_left,
+                  negative_target_size=negative_target_size)
+        if not self.is_sdxl:
+            given = [k for k in SDXL_ONLY_ARGS if xl[k] is not None]
+            if given:
+                raise _sdxl_only(given[0])
         b, prompts, seeds, (height, width), steps = self._check_generate_args(
             prompt, prompt_embeds, seed, height, width, num_inference_steps)
         guidance_scale = checks.finite_number(
@@ -410,21 +666,13 @@ class Pipeline:
         f = self.vae_scale_factor
         h, w, c = height // f, width // f, self.unet_config.in_channels
         do_cfg = guidance_scale > 1.0 or uncond_per_step is not None
-        cond = prompt_embeds if prompt_embeds is not None else self.encode_prompts(prompts)
-        uncond = None
-        if do_cfg and uncond_per_step is None:
-            if uncond_embeds is not None:
-                uncond = uncond_embeds
-            else:
-                negs = checks.prompt_list(negative_prompt if negative_prompt is not None
-                                          else "", "negative_prompt")
-                negs = negs * b if isinstance(negative_prompt, (str, type(None))) else negs
-                if len(negs) != b:
-                    raise ValueError(f"negative_prompt: got {len(negs)} for {b} prompts; give "
-                                     "one string or one per prompt.")
-                uncond = self.encode_prompts(negs, name="negative_prompt")
+        if self.is_sdxl:
+            cond, uncond, uncond_per_step = self._sdxl_conditioning(
+                b, prompts, negative_prompt, prompt_embeds, uncond_embeds, uncond_per_step,
+                do_cfg, height, width, **xl)
         else:
-            uncond = cond  # placeholder, unused without CFG (keeps one signature)
+            cond, uncond = self._sd_conditioning(b, prompts, negative_prompt, prompt_embeds,
+                                                 uncond_embeds, uncond_per_step, do_cfg)
         schedule = self.schedule(steps, scheduler, eta)
         keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
         if latents is None:
@@ -468,6 +716,57 @@ class Pipeline:
 MAX_SIDE = 16384  # px per side: beyond any Stable Diffusion model's working sizes
 
 
+def _sdxl_only(name: str) -> ValueError:
+    return ValueError(
+        f"{name}: this model has one text encoder and no added conditioning (SD1/SD2); "
+        f"{name} applies to SDXL models only. Fix: leave it out, or load an SDXL checkpoint "
+        "(a folder with text_encoder_2/ and tokenizer_2/).")
+
+
+def _maybe_list(prompts):
+    """``prompt_2``-style argument as given to :meth:`Pipeline.encode_prompts`: None or a
+    falsy value (diffusers' ``prompt_2 or prompt``) -> None, else the value."""
+    return prompts if prompts else None
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int] | None:
+    """A pair of whole numbers ``>= minimum`` as a tuple (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") \
+            or len(value) != 2:
+        raise ValueError(f"{name}={value!r}: expected a pair of whole numbers (h, w) / "
+                         "(top, left) in pixels, e.g. (1024, 1024) or (0, 0).")
+    return tuple(checks.whole_number(v, f"{name}[{i}]", minimum=minimum)
+                 for i, v in enumerate(value))
+
+
+def _sdxl_embeds(value, name: str, b: int, per_step: bool = False) -> dict:
+    """SDXL text conditioning given by the caller: ``{"context", "text_embeds"}`` (and
+    optionally ``"time_ids"``) with batch B (after a step axis when ``per_step``)."""
+    keys = ("context", "text_embeds")
+    if not isinstance(value, Mapping) or any(k not in value for k in keys):
+        lead = "(n_steps, B, …)" if per_step else "(B, …)"
+        raise ValueError(
+            f"{name}: on SDXL give the dict of Pipeline.encode_prompts, {{'context': "
+            f"(B, 77, D), 'text_embeds': (B, P)}} (leading axes {lead}); got "
+            f"{type(value).__name__}" + (f" with keys {sorted(value)}"
+                                         if isinstance(value, Mapping) else "") + ".")
+    extra = sorted(set(value) - {"context", "text_embeds", "time_ids"})
+    if extra:
+        raise ValueError(f"{name}: unknown key(s) {extra}; expected 'context', 'text_embeds' "
+                         "and optionally 'time_ids'.")
+    out = {k: jnp.asarray(v) for k, v in value.items()}
+    axis = 1 if per_step else 0
+    for k, v in out.items():
+        if v.ndim <= axis or v.shape[axis] != b:
+            raise ValueError(f"{name}[{k!r}]: shape {tuple(v.shape)}, expected batch {b} on "
+                             f"axis {axis}.")
+    if "time_ids" in out:
+        out["time_ids"] = out["time_ids"].astype(jnp.float32)
+    return out
+
+
 def _min_working_bytes(pipe: "Pipeline", batch: int, height: int, width: int) -> int:
     """A lower bound of the memory one ``generate`` call needs: two float32 activations
     of the VAE decoder's last block at full resolution (``B × H × W × C``), and two of the
@@ -509,7 +808,13 @@ def data_mesh(groups: int):
 # ---------------------------------------------------------------------- loading
 def load(model: str | Path | None = None, *, dtype="float32", allow_pickle: bool = False,
          revision: str | None = None, variant: str | None = None) -> Pipeline:
-    """Load a diffusers-layout Stable Diffusion checkpoint.
+    """Load a diffusers-layout Stable Diffusion (1.x/2.x) or SDXL checkpoint.
+
+    The family is read from ``model_index.json`` (SDXL: ``text_encoder_2`` /
+    ``tokenizer_2`` entries or an SDXL pipeline class; ``force_zeros_for_empty_prompt``,
+    default true), and its components from one table (:data:`SD_COMPONENTS`,
+    :data:`SDXL_COMPONENTS`: folder, config type, converter, required) by
+    :func:`jattn.io.checkpoint.load_components`.
 
     Args:
       model: a local folder, a Hugging Face hub id (fetched with huggingface_hub when
@@ -522,12 +827,14 @@ def load(model: str | Path | None = None, *, dtype="float32", allow_pickle: bool
     Raises:
       TypeError / ValueError: a bad ``model=``, ``dtype=``, ``allow_pickle=``,
         ``revision=`` or ``variant=`` argument (names it and what is accepted).
-      CheckpointNotFoundError: missing folder/files (names them) or hub unreachable.
+      CheckpointNotFoundError: missing folder/files (names them: e.g. an SDXL folder
+        without text_encoder_2/ or tokenizer_2/) or hub unreachable.
       CheckpointDamagedError: a truncated/corrupted file, invalid JSON, NaN/inf weights,
         a directory where a file belongs, an unreadable file (names the file).
       CheckpointConfigError: a config value of the wrong type or out of range, or a
         required key missing (names the file, the key and what is expected).
-      CheckpointUnsupportedError: a valid config asking for a feature jattn lacks.
+      CheckpointUnsupportedError: a valid config asking for a feature jattn lacks (also
+        a model_index.json whose text_encoder is null: the SDXL refiner).
       PickleRefusedError: only pickle weights and ``allow_pickle`` is False.
       CheckpointMismatchError: weights do not fit the config (lists every key and shape),
         or components that do not belong together (text width vs UNet, latent channels).
@@ -558,53 +865,101 @@ def load(model: str | Path | None = None, *, dtype="float32", allow_pickle: bool
     else:
         folder = ckpt.resolve_checkpoint(model, revision=revision)
     index = ckpt.read_json(folder / "model_index.json")
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if comp not in index:
-            warnings.warn(f"model_index.json has no {comp!r} entry; reading {comp}/ anyway")
-    unet_cfg = ckpt.parse_config(folder, "unet", unet_lib.UNetConfig.from_diffusers)
-    vae_cfg = ckpt.parse_config(folder, "vae", vae_lib.VAEConfig.from_diffusers)
-    text_cfg = ckpt.parse_config(folder, "text_encoder",
-                                 clip_lib.CLIPTextConfig.from_transformers)
-    sched_cfg = ckpt.parse_config(folder, "scheduler", sch.SchedulerConfig.from_diffusers)
-    from jattn.io.tokenizer import MAX_LENGTH, load_tokenizer
-
-    tok_dir = folder / "tokenizer"
-    if not tok_dir.is_dir():
+    sdxl = _is_sdxl_index(folder, index)
+    table = SDXL_COMPONENTS if sdxl else SD_COMPONENTS
+    family = "SDXL" if sdxl else "diffusers-layout"
+    for comp in table:
+        entry = index.get(comp.name)
+        if comp.name not in index:
+            warnings.warn(f"model_index.json has no {comp.name!r} entry; reading "
+                          f"{comp.name}/ anyway")
+        elif isinstance(entry, (list, tuple)) and entry and entry[0] is None:
+            raise ckpt.CheckpointUnsupportedError(
+                f"{folder / 'model_index.json'}: {comp.name} is null — this checkpoint has no "
+                f"{comp.what or comp.name} (e.g. the SDXL refiner, which has only "
+                "text_encoder_2); jattn needs it. Fix: load a text-to-image checkpoint with "
+                f"{comp.name}/ (SD1/SD2, or SDXL base).")
+    configs, toks, _ = ckpt.load_components(folder, table, weights=False, family=family)
+    unet_cfg, vae_cfg, text_cfg = configs["unet"], configs["vae"], configs["text_encoder"]
+    sched_cfg, tokenizer = configs["scheduler"], toks["tokenizer"]
+    text_cfg_2, tokenizer_2 = configs.get("text_encoder_2"), toks.get("tokenizer_2")
+    added = getattr(unet_cfg, "addition_embed_type", None)
+    if added == "text_time" and not sdxl:
         raise ckpt.CheckpointNotFoundError(
-            f"{tok_dir}: missing folder (vocab.json, merges.txt). Fix: copy or download the "
-            "checkpoint's tokenizer/ folder.")
-    tokenizer = load_tokenizer(tok_dir)
-    # components that load one by one but cannot work together (silent clamping or a
-    # shape error deep inside jit otherwise)
+            f"{folder / 'text_encoder_2'}: missing folder. unet/config.json has "
+            "addition_embed_type='text_time' (an SDXL UNet), which needs SDXL's second text "
+            "encoder text_encoder_2/ (config.json and model.safetensors, a "
+            "CLIPTextModelWithProjection) and tokenizer_2/ (vocab.json and merges.txt), listed "
+            "in model_index.json. Fix: copy or download the complete SDXL checkpoint folder "
+            "(text_encoder_2/ and tokenizer_2/ included).")
+    _check_components_fit(folder, unet_cfg, vae_cfg, text_cfg, tokenizer, text_cfg_2,
+                          tokenizer_2)
+    params = ckpt.load_component_weights(folder, table, configs, allow_pickle=allow_pickle,
+                                         variant=variant)
+    params = _cast_tree(params, dt)
+    force_zeros = False
+    if sdxl:  # diffusers' StableDiffusionXLPipeline default: True
+        force_zeros = ckpt.config_bool(
+            str(folder / "model_index.json"), "force_zeros_for_empty_prompt",
+            index.get("force_zeros_for_empty_prompt", True))
+    return Pipeline(unet_cfg, vae_cfg, text_cfg, sched_cfg, tokenizer, params, dt, str(folder),
+                    text_config_2=text_cfg_2, tokenizer_2=tokenizer_2,
+                    force_zeros_for_empty_prompt=force_zeros)
+
+
+def _is_sdxl_index(folder: Path, index: dict) -> bool:
+    """An SDXL checkpoint: ``model_index.json`` lists ``text_encoder_2``/``tokenizer_2`` or
+    names an SDXL pipeline class, or the folder has ``text_encoder_2/``."""
+    cls = index.get("_class_name")
+    return ("text_encoder_2" in index or "tokenizer_2" in index
+            or (isinstance(cls, str) and cls.startswith("StableDiffusionXL"))
+            or (Path(folder) / "text_encoder_2").is_dir())
+
+
+def _check_components_fit(folder, unet_cfg, vae_cfg, text_cfg, tokenizer, text_cfg_2=None,
+                          tokenizer_2=None) -> None:
+    """Components that load one by one but cannot work together (silent clamping or a
+    shape error deep inside jit otherwise): one CheckpointMismatchError listing them."""
+    from jattn.io.tokenizer import MAX_LENGTH
+
     clash = []
-    if unet_cfg.cross_attention_dim != text_cfg.hidden_size:
+    width = text_cfg.hidden_size + (text_cfg_2.hidden_size if text_cfg_2 is not None else 0)
+    if unet_cfg.cross_attention_dim != width:
+        texts = (f"text_encoder/config.json hidden_size={text_cfg.hidden_size}"
+                 if text_cfg_2 is None else
+                 f"text_encoder + text_encoder_2 hidden_size {text_cfg.hidden_size} + "
+                 f"{text_cfg_2.hidden_size} = {width}")
         clash.append(f"unet/config.json cross_attention_dim={unet_cfg.cross_attention_dim} but "
-                     f"text_encoder/config.json hidden_size={text_cfg.hidden_size}")
+                     + texts)
     if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.latent_channels:
         clash.append(f"unet/config.json in_channels={unet_cfg.in_channels}, out_channels="
                      f"{unet_cfg.out_channels} but vae/config.json latent_channels="
                      f"{vae_cfg.latent_channels} (inpainting/depth UNets with extra input "
                      "channels are not supported)")
-    if text_cfg.max_position_embeddings < MAX_LENGTH:
-        clash.append(f"text_encoder/config.json max_position_embeddings="
-                     f"{text_cfg.max_position_embeddings} < the {MAX_LENGTH} tokens per prompt")
-    if len(tokenizer) > text_cfg.vocab_size:
-        clash.append(f"tokenizer/ has {len(tokenizer)} tokens but text_encoder/config.json "
-                     f"vocab_size={text_cfg.vocab_size}")
+    pairs = [("text_encoder", text_cfg, "tokenizer", tokenizer)]
+    if text_cfg_2 is not None:
+        pairs.append(("text_encoder_2", text_cfg_2, "tokenizer_2", tokenizer_2))
+        added = getattr(unet_cfg, "addition_embed_type", None)
+        if added != "text_time":
+            clash.append(f"model_index.json describes SDXL (text_encoder_2) but unet/config.json "
+                         f"has addition_embed_type={added!r}, not 'text_time'")
+        else:
+            t, p = unet_cfg.addition_time_embed_dim, unet_cfg.projection_class_embeddings_input_dim
+            if p != text_cfg_2.projection_dim + 6 * t:
+                clash.append(
+                    f"unet/config.json projection_class_embeddings_input_dim={p} but "
+                    f"text_encoder_2/config.json projection_dim={text_cfg_2.projection_dim} + 6 "
+                    f"time ids × addition_time_embed_dim={t} = "
+                    f"{text_cfg_2.projection_dim + 6 * t} (a refiner-style UNet with "
+                    "aesthetic-score conditioning is not supported)")
+    for te, cfg, tk, tok in pairs:
+        if cfg.max_position_embeddings < MAX_LENGTH:
+            clash.append(f"{te}/config.json max_position_embeddings="
+                         f"{cfg.max_position_embeddings} < the {MAX_LENGTH} tokens per prompt")
+        if len(tok) > cfg.vocab_size:
+            clash.append(f"{tk}/ has {len(tok)} tokens but {te}/config.json "
+                         f"vocab_size={cfg.vocab_size}")
     if clash:
         raise ckpt.CheckpointMismatchError(
             f"{folder}: the components do not belong together: " + "; ".join(clash)
             + ". Fix: take every component folder from the same checkpoint.")
-    params = {
-        "unet": unet_lib.convert_unet_state_dict(
-            ckpt.load_state_dict(folder, "unet", allow_pickle=allow_pickle, variant=variant),
-            unet_cfg),
-        "vae": vae_lib.convert_vae_state_dict(
-            ckpt.load_state_dict(folder, "vae", allow_pickle=allow_pickle, variant=variant),
-            vae_cfg),
-        "text_encoder": clip_lib.convert_clip_text_state_dict(
-            ckpt.load_state_dict(folder, "text_encoder", allow_pickle=allow_pickle,
-                                 variant=variant), text_cfg),
-    }
-    params = _cast_tree(params, dt)
-    return Pipeline(unet_cfg, vae_cfg, text_cfg, sched_cfg, tokenizer, params, dt, str(folder))

@@ -1,14 +1,18 @@
 """Loading diffusers-layout checkpoints (folders or hub ids) into jattn params.
 
 Layout: ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``; each model folder has ``config.json`` and safetensors weights (single file
-or a sharded ``*.safetensors.index.json``). Pickle weights (``.bin``/``.ckpt``) are refused
+``scheduler/`` (SDXL adds ``text_encoder_2/`` and ``tokenizer_2/``); each model folder has
+``config.json`` and safetensors weights (single file or a sharded
+``*.safetensors.index.json``). Which components a pipeline has is one table of
+:class:`Component` rows read by :func:`load_components` (``jattn.pipeline`` holds the SD
+and SDXL tables). Pickle weights (``.bin``/``.ckpt``) are refused
 unless ``allow_pickle=True`` (then torch, if installed, reads them with
 ``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -20,7 +24,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["resolve_checkpoint", "read_config", "read_json", "parse_config", "load_state_dict",
-           "save_state_dict", "CheckpointError", "CheckpointNotFoundError",
+           "save_state_dict", "Component", "check_components_present", "load_components",
+           "load_component_weights", "CheckpointError", "CheckpointNotFoundError",
            "CheckpointDamagedError", "CheckpointConfigError", "CheckpointUnsupportedError",
            "CheckpointMismatchError", "PickleRefusedError"]
 
@@ -28,10 +33,11 @@ _WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors",
-                 "*/*.safetensors.index.json", "tokenizer/*", "scheduler/*"]
+                 "*/*.safetensors.index.json", "tokenizer/*", "tokenizer_2/*", "scheduler/*"]
 _REDOWNLOAD = "re-download the checkpoint or re-export it"
 
 
@@ -413,7 +419,7 @@ def load_state_dict(folder: Path, component: str, *, allow_pickle: bool = False,
       PickleRefusedError: only pickle files exist and ``allow_pickle`` is False.
     """
     d = Path(folder) / component
-    base = _WEIGHT_NAMES[component]
+    base = _WEIGHT_NAMES.get(component, "diffusion_pytorch_model")
     if not d.is_dir():
         raise CheckpointNotFoundError(
             f"{d}: missing folder. Every diffusers-layout checkpoint needs {component}/ (with "
@@ -476,3 +482,102 @@ def save_state_dict(state_dict: dict[str, np.ndarray], path: Path) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+
+
+# ------------------------------------------------------------------------------ components
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One row of a pipeline's component table: a folder of the checkpoint and how to read it.
+
+    Attributes:
+      name: the folder (and ``model_index.json`` key), e.g. ``"text_encoder_2"``.
+      kind: ``"model"`` (config + weights), ``"config"`` (config only: the scheduler) or
+        ``"tokenizer"`` (read with ``tokenizer`` below).
+      parse: ``config dict -> typed config`` (models and config-only components).
+      convert: ``(state_dict, typed config) -> params`` (models).
+      tokenizer: ``folder -> tokenizer`` (tokenizers).
+      required: a missing folder raises (else the component is None).
+      what: what the component is, for error messages ("the second text encoder").
+    """
+
+    name: str
+    kind: str
+    parse: Callable[[dict], Any] | None = None
+    convert: Callable[[Mapping, Any], Any] | None = None
+    tokenizer: Callable[[Path], Any] | None = None
+    required: bool = True
+    what: str = ""
+
+
+def _component_files(c: Component) -> str:
+    if c.kind == "model":
+        return f"config.json and {_WEIGHT_NAMES.get(c.name, 'diffusion_pytorch_model')}.safetensors"
+    if c.kind == "tokenizer":
+        return "vocab.json and merges.txt"
+    return _config_file(Path("."), c.name).name
+
+
+def check_components_present(folder: Path, table, *, family: str = "diffusers-layout") -> None:
+    """Raise one CheckpointNotFoundError naming every required component folder of
+    ``table`` missing from ``folder``, what each is, its files and the fix."""
+    folder = Path(folder)
+    missing = [c for c in table if c.required and not (folder / c.name).is_dir()]
+    if not missing:
+        return
+    parts = "; ".join(f"{folder / c.name}: missing folder"
+                      + (f" ({c.what})" if c.what else "")
+                      + f", with {_component_files(c)}" for c in missing)
+    names = ", ".join(f"{c.name}/" for c in missing)
+    raise CheckpointNotFoundError(
+        f"{parts}. Every {family} checkpoint needs {names}. Fix: copy or download the "
+        f"complete checkpoint folder ({names} included).")
+
+
+def load_components(folder: Path, table, *, allow_pickle: bool = False,
+                    variant: str | None = None, weights: bool = True,
+                    family: str = "diffusers-layout") -> tuple[dict, dict, dict]:
+    """Read every component of ``table`` from a checkpoint folder.
+
+    Order: presence of every required folder (one error naming all missing ones), every
+    config (in table order), every tokenizer, then (``weights=True``) every model's
+    weights, converted by the row's ``convert``. Optional components whose folder is
+    absent are None.
+
+    Returns:
+      ``(configs, tokenizers, params)``: ``{name: typed config}`` for models and
+      config-only rows, ``{name: tokenizer}``, ``{name: params}`` for models (empty when
+      ``weights`` is False; call again with the configs checked to read the weights).
+    Raises:
+      CheckpointNotFoundError, CheckpointDamagedError, CheckpointConfigError,
+      CheckpointUnsupportedError, PickleRefusedError, CheckpointMismatchError: as
+      :func:`parse_config`, :func:`load_state_dict` and the converters.
+    """
+    folder = Path(folder)
+    check_components_present(folder, table, family=family)
+    present = [c for c in table if (folder / c.name).is_dir()]
+    configs = {c.name: None for c in table if c.kind != "tokenizer"}
+    tokenizers = {c.name: None for c in table if c.kind == "tokenizer"}
+    for c in present:
+        if c.kind in ("model", "config"):
+            configs[c.name] = parse_config(folder, c.name, c.parse)
+    for c in present:
+        if c.kind == "tokenizer":
+            tokenizers[c.name] = c.tokenizer(folder / c.name)
+    params: dict = {}
+    if weights:
+        params = load_component_weights(folder, table, configs, allow_pickle=allow_pickle,
+                                        variant=variant)
+    return configs, tokenizers, params
+
+
+def load_component_weights(folder: Path, table, configs: Mapping[str, Any], *,
+                           allow_pickle: bool = False, variant: str | None = None) -> dict:
+    """``{name: params}`` of every model row of ``table`` whose config is in ``configs``
+    (not None): its weights read by :func:`load_state_dict` and converted by the row's
+    ``convert(state_dict, config)``."""
+    out = {}
+    for c in table:
+        if c.kind == "model" and configs.get(c.name) is not None:
+            sd = load_state_dict(folder, c.name, allow_pickle=allow_pickle, variant=variant)
+            out[c.name] = c.convert(sd, configs[c.name])
+    return out

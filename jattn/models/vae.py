@@ -57,6 +57,10 @@ class VAEConfig:
       down_block_types / up_block_types: all ``DownEncoderBlock2D`` / ``UpDecoderBlock2D``.
       mid_block_add_attention: mid blocks have the self-attention layer.
       use_quant_conv / use_post_quant_conv: the 1x1 convs around the latent space.
+      force_upcast: the checkpoint asks for decoding in float32 when the rest runs in
+        float16/bfloat16 (SDXL's VAE overflows in float16); diffusers' SDXL pipelines and
+        jattn's :class:`~jattn.pipeline.Pipeline` on SDXL honour it (SD1/SD2 pipelines
+        decode in the pipeline's dtype, as diffusers'). Does not change the module.
     """
 
     in_channels: int = 3
@@ -74,6 +78,7 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
+    force_upcast: bool = True
 
     def __post_init__(self):
         for name in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -105,8 +110,9 @@ class VAEConfig:
     def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":
         """Build from diffusers' ``vae/config.json`` dict.
 
-        Keys that do not change the computation (``force_upcast``, ``_class_name``,
-        ``latents_mean``/``latents_std`` …) are ignored; missing keys take diffusers'
+        Keys that do not change the computation (``_class_name``,
+        ``latents_mean``/``latents_std`` …) are ignored (``force_upcast`` is read: a dtype
+        choice of the pipeline); missing keys take diffusers'
         defaults, except ``block_out_channels``, ``down_block_types`` and
         ``up_block_types``, which every diffusers config has. Every value is type-checked;
         null booleans read as false (as in diffusers), a null ``scaling_factor`` as the
@@ -153,6 +159,7 @@ class VAEConfig:
             "mid_block_add_attention": ck.config_bool,
             "use_quant_conv": ck.config_bool,
             "use_post_quant_conv": ck.config_bool,
+            "force_upcast": ck.config_bool,
         }
         for key, check in checks.items():
             if key in kwargs:
@@ -171,7 +178,6 @@ class VAEConfig:
         for k in ("block_out_channels", "down_block_types", "up_block_types"):
             d[k] = list(d[k])
         d["_class_name"] = "AutoencoderKL"
-        d["force_upcast"] = True
         return d
 
 

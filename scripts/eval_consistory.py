@@ -13,8 +13,10 @@ Figures (the world's detector, jattn.world.evaluate.score_generated):
 * prompt: fraction of members whose stated position and background are right (goal ≥ 0.85).
 
 Baseline: plain generation of the same prompts and seeds (DDIM, same CFG, no FreeU).
-ConsiStory = the first pass (SDSA + Otsu masks + dropout + query blending + FreeU); the
-feature-injection pass is not implemented.
+ConsiStory = the full method (first pass: SDSA + Otsu masks + dropout + query blending +
+FreeU; second pass: the same + feature injection along DIFT correspondences); its first
+pass is scored too ("first_pass": the first pass's final latents decoded), so one run gives
+both. ``--no-feature-injection``: the first pass only.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance-scale", type=float, default=5.0)
     ap.add_argument("--batch-groups", type=int, default=4, help="groups per batch")
     ap.add_argument("--no-share-queries", action="store_true")
+    ap.add_argument("--no-feature-injection", action="store_true")
     ap.add_argument("--ablate", nargs="*", default=None, metavar="NAME:KEY=VAL,…",
                     help="extra settings run on the same groups instead of the full method "
                          "and baseline, e.g. nofreeu:freeu=0 drop0:freeu=0,mask_dropout=0 "
@@ -134,9 +137,12 @@ def main(argv=None) -> int:
                 kw[k] = ((int(v), int(v)) if k == "mask_resolution" else
                          bool(int(v)) if k in ("freeu", "sdsa", "share_queries") else float(v))
             variants[name] = kw
+    fi = not args.no_feature_injection
     recs = {k: [] for k in variants}
     if not args.ablate:
         recs["baseline"] = []
+        if fi:
+            recs["first_pass"] = []
     t0 = time.perf_counter()
     bg = args.batch_groups
     for seed in args.seeds:
@@ -145,11 +151,18 @@ def main(argv=None) -> int:
             seeds = [seed * 1000 + (s + i) * 10 + j for i in range(len(chunk)) for j in range(4)]
             outs = {}
             for name, kw in variants.items():
-                kw = dict(dict(share_queries=not args.no_share_queries), **kw)
-                outs[name] = consistory(pipe, [g["subject"] for g in chunk],
-                                        [g["prompts"] for g in chunk], seed=seeds,
-                                        num_inference_steps=args.steps,
-                                        guidance_scale=args.guidance_scale, **kw).images
+                kw = dict(dict(share_queries=not args.no_share_queries,
+                               feature_injection=fi), **kw)
+                res = consistory(pipe, [g["subject"] for g in chunk],
+                                 [g["prompts"] for g in chunk], seed=seeds,
+                                 num_inference_steps=args.steps,
+                                 guidance_scale=args.guidance_scale, **kw)
+                outs[name] = res.images
+                if "first_pass" in recs and name == "consistory":
+                    import jax.numpy as jnp
+
+                    outs["first_pass"] = pipe.decode(
+                        jnp.asarray(res.first_latents.transpose(0, 2, 3, 1)))
             if "baseline" in recs:
                 outs["baseline"] = pipe.generate(
                     [p for g in chunk for p in g["prompts"]], seed=seeds,
@@ -164,7 +177,8 @@ def main(argv=None) -> int:
     res["settings"] = dict(groups=args.groups, seeds=args.seeds, steps=args.steps,
                            guidance_scale=args.guidance_scale,
                            share_queries=not args.no_share_queries, variants=variants,
-                           stated_anchor=args.stated_anchor, feature_injection=False, seconds=time.perf_counter() - t0)
+                           stated_anchor=args.stated_anchor, feature_injection=fi,
+                           seconds=time.perf_counter() - t0)
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(dict(res, records=recs), indent=1))

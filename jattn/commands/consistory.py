@@ -3,7 +3,7 @@ SIGGRAPH 2024; :mod:`jattn.methods.consistory`).
 
   jattn consistory --subject WORDS --prompt TEXT --prompt … [--seed N] [--steps N]
       [--guidance-scale S] [--anchors 2] [--mask-dropout 0.5] [--no-share-queries]
-      [--no-freeu] [--no-sdsa] --out-dir DIR
+      [--no-feature-injection] [--alpha 0.8] [--no-freeu] [--no-sdsa] --out-dir DIR
 
 Every ``--prompt`` must contain the ``--subject`` word(s). Writes ``000.png …`` (one per
 prompt, in order; the first ``--anchors`` are the anchors), ``grid.png`` and
@@ -19,7 +19,8 @@ from jattn.commands.common import (FRACTION, OutputDir, add_model_args, add_samp
                                    write_outputs)
 
 _NAMES = {"subject:": "--subject:", "prompts:": "--prompt:", "n_anchors": "--anchors",
-          "mask_dropout": "--mask-dropout", "num_inference_steps": "--steps"}
+          "mask_dropout": "--mask-dropout", "num_inference_steps": "--steps",
+          "alpha=": "--alpha="}
 
 
 def cmd_consistory(args) -> int:
@@ -41,6 +42,7 @@ def cmd_consistory(args) -> int:
                          guidance_scale=args.guidance_scale, n_anchors=args.anchors,
                          mask_dropout=args.mask_dropout,
                          share_queries=not args.no_share_queries, sdsa=not args.no_sdsa,
+                         feature_injection=not args.no_feature_injection, alpha=args.alpha,
                          freeu=not args.no_freeu, reference_quirks=args.reference_quirks)
     seconds = time.perf_counter() - t0
     labels = [("anchor: " if i < res.settings["n_anchors"] else "") + p
@@ -68,6 +70,11 @@ def register(sub, edit_sub) -> None:
                    help="subject-mask dropout probability in [0, 1] (the reference: 0.5)")
     p.add_argument("--no-share-queries", action="store_true",
                    help="no query blending toward the vanilla pass (halves the batch)")
+    p.add_argument("--no-feature-injection", action="store_true",
+                   help="the first pass only (no second pass injecting the anchors' "
+                        "self-attention outputs along DIFT correspondences: half the cost)")
+    p.add_argument("--alpha", type=FRACTION, default=0.8,
+                   help="feature-injection weight in [0, 1] (the reference: 0.8)")
     p.add_argument("--no-sdsa", action="store_true",
                    help="no subject-driven shared attention (the reference's ablation)")
     p.add_argument("--no-freeu", action="store_true",

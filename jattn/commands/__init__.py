@@ -9,3 +9,4 @@ MODULES: tuple[str, ...] = ("mix", "cross_image", "segment", "batch", "excite", 
 MODULES += ("style_aligned",)
 MODULES += ("masactrl", "pnp")
 MODULES += ("consistory",)
+MODULES += ("personalize",)

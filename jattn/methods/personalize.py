@@ -44,8 +44,9 @@ from jattn.policy.core import Layout, Policy, compose
 from jattn.policy.nested import nested_policy
 
 __all__ = ["personalize", "PersonalizeOutput", "PLACEHOLDER", "DEFAULT_WEIGHTS",
-           "placeholder_positions", "prepare_prompts", "plan_cases", "load_subject_images",
-           "text_params_with_placeholder", "subject_kv", "personalize_policy", "load_weights"]
+           "placeholder_positions", "prepare_prompts", "plan_cases", "star_counts",
+           "load_subject_images", "text_params_with_placeholder", "subject_kv",
+           "personalize_policy", "load_weights"]
 
 PLACEHOLDER = "s*"
 DEFAULT_WEIGHTS = (Path(__file__).resolve().parent.parent / "assets" / "nested"
@@ -98,17 +99,12 @@ def placeholder_positions(tokenizer, prompts: Sequence[str], *,
         raise ValueError(f"placeholder_token {placeholder_token!r} is {len(ids_tok)} BPE tokens; "
                          "it must be one.")
     tok_id = ids_tok[0]
+    star_counts(prompts, name=name)
     texts = []
     for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
         if re.search(rf"(?i)\b{re.escape(placeholder_token)}\b", p):
             raise ValueError(f"{name}[{i}] {p!r} contains {placeholder_token!r}, the word that "
                              f"stands for {PLACEHOLDER} inside jattn; rephrase it.")
-        if not _STAR.search(p):
-            raise ValueError(f"{name}[{i}] {p!r} has no {PLACEHOLDER}: write the subject as "
-                             f"{PLACEHOLDER}, e.g. \"a photo of {PLACEHOLDER} on the left on a "
-                             "beige background\".")
         texts.append(_STAR.sub(placeholder_token, p))
     ids = tokenize(tokenizer, texts, max_length=max_length, name=name)
     counts = [int((row == tok_id).sum()) for row in ids]
@@ -119,7 +115,27 @@ def placeholder_positions(tokenizer, prompts: Sequence[str], *,
     return texts, ids, pos
 
 
-def plan_cases(star_counts: Sequence[int], num_subjects: int, *, name: str = "prompts"
+def star_counts(prompts: Sequence[str], *, name: str = "prompts") -> list[int]:
+    """The number of ``s*`` in each prompt (no tokenizer needed).
+
+    Raises:
+      TypeError: a prompt that is not a string.
+      ValueError: a prompt without ``s*`` (names it and says how to write the subject).
+    """
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
+        n = len(_STAR.findall(p))
+        if n == 0:
+            raise ValueError(f"{name}[{i}] {p!r} has no {PLACEHOLDER}: write the subject as "
+                             f"{PLACEHOLDER}, e.g. \"a photo of {PLACEHOLDER} on the left on a "
+                             "beige background\".")
+        out.append(n)
+    return out
+
+
+def plan_cases(counts: Sequence[int], num_subjects: int, *, name: str = "prompts"
                ) -> list[tuple[int, tuple[int, ...]]]:
     """Which images to make: ``[(prompt_index, subject_indices), …]``.
 
@@ -132,9 +148,9 @@ def plan_cases(star_counts: Sequence[int], num_subjects: int, *, name: str = "pr
     """
     if num_subjects < 1:
         raise ValueError("subject_images: give at least one subject image (--subject-image).")
-    single = [i for i, c in enumerate(star_counts) if c == 1]
+    single = [i for i, c in enumerate(counts) if c == 1]
     cases = [(i, (s,)) for s in range(num_subjects) for i in single]
-    for i, c in enumerate(star_counts):
+    for i, c in enumerate(counts):
         if c > 1:
             if c != num_subjects:
                 raise ValueError(

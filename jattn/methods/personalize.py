@@ -299,8 +299,10 @@ def personalize(pipe, subject_images, prompts: str | Sequence[str], seeds: int |
       weights: a weights file path, a :class:`jattn.models.nested.NestedWeights`, or None
         (the shipped default, :data:`DEFAULT_WEIGHTS`).
       scale: λ on the nested value V* (1 = the paper).
-      extra_policy: a policy composed after Nested Attention (same layout: groups = number
-        of images, members 1, CFG), e.g. Prompt-to-Prompt reweighting.
+      extra_policy: a policy composed after Nested Attention, whose layout (groups ×
+        members = the number of images, rows in :func:`plan_cases` order) the call adopts,
+        e.g. ``style_aligned_policy(pipe, members=n, num_steps=…)`` (the subject in one
+        style, image 0 the style reference) or a Prompt-to-Prompt policy.
     Returns:
       :class:`PersonalizeOutput`.
     Raises:
@@ -325,7 +327,16 @@ def personalize(pipe, subject_images, prompts: str | Sequence[str], seeds: int |
         pipe.params["text_encoder"], tok_id, w.params.get("placeholder", {}).get("text_encoder"))
     cond = pipe._text_fn()(text_params, jnp.asarray(ids))
     keys, values = subject_kv(pipe, w, pixels)
-    pol = personalize_policy(pipe, keys, values, pos, subj, scale=scale)
+    layout = None
+    if extra_policy is not None:
+        layout = extra_policy.layout
+        do_cfg = guidance_scale > 1.0
+        if layout.groups * layout.members != b or layout.cfg != do_cfg:
+            raise ValueError(
+                f"extra_policy: its layout {layout} does not fit the {b} images of this call "
+                f"(groups × members must be {b}, cfg {do_cfg}); build it for the cases of "
+                "plan_cases (e.g. style_aligned_policy(pipe, members=number of images)).")
+    pol = personalize_policy(pipe, keys, values, pos, subj, scale=scale, layout=layout)
     if extra_policy is not None:
         pol = compose(pol, extra_policy)
     uncond = pipe.encode_prompts([negative_prompt] * b, name="negative_prompt")

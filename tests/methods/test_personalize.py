@@ -193,3 +193,22 @@ def test_cli(tiny_sd_dir, weights, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("jattn personalize: error:")
         assert __import__("re").search(msg, err), err
+
+
+def test_composes_with_style_aligned(pipe, weights):
+    """Nested Attention composed with StyleAligned (one group of 2, member 0 the style
+    reference): member 0 equals personalisation alone (StyleAligned leaves the reference's
+    own attention and statistics), member 1 differs from it alone (it shares the reference's
+    attention and GroupNorm statistics). Breaks if the layouts were not adopted, the
+    composition dropped an op, or the nested op indexed rows by group instead of row."""
+    from jattn.methods.style_aligned import style_aligned_policy
+
+    prompts = ["s* on the left", "s* at the top"]
+    kw = dict(weights=weights, num_inference_steps=2)
+    alone = P.personalize(pipe, [_img(0)], prompts, 0, **kw)
+    sa = style_aligned_policy(pipe, members=2, num_steps=2)
+    both = P.personalize(pipe, [_img(0)], prompts, 0, extra_policy=sa, **kw)
+    np.testing.assert_allclose(both.latents[0], alone.latents[0], atol=1e-4)
+    assert float(np.abs(both.latents[1] - alone.latents[1]).max()) > 1e-3
+    with pytest.raises(ValueError, match="extra_policy: its layout"):
+        P.personalize(pipe, [_img(0)], prompts[:1], 0, extra_policy=sa, **kw)

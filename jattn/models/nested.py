@@ -366,7 +366,9 @@ def convert_nested_state_dict(state_dict: Mapping[str, Any], config: NestedEncod
                 np.asarray(v, np.float32).T)
     bad = [p for p, w in nested.items() if set(w) != {"to_k", "to_v"}]
     if not nested or bad:
-        raise NestedWeightsError(f"nested weights: {'no nested.*.to_k_nest.weight keys' if not nested else 'sites without both to_k_nest and to_v_nest: ' + ', '.join(bad)}.")
+        what = ("no nested.*.to_k_nest.weight keys" if not nested else
+                "sites without both to_k_nest and to_v_nest: " + ", ".join(bad))
+        raise NestedWeightsError(f"nested weights: {what}.")
     params["nested"] = nested
     params["placeholder"] = {k[len("placeholder."):]: jnp.asarray(np.asarray(v, np.float32))
                              for k, v in state_dict.items() if k.startswith("placeholder.")}

@@ -33,6 +33,9 @@ Design choices (documented deviations / decisions):
   and rows without a subject (``positions == -1``) are bit-identical to plain attention.
 * λ (``scale``) is the third-party "regularisation" (``regularize_scale``; 1 = off).
 
+The many-token baseline of the paper (IP-Adapter's decoupled cross-attention) is
+:class:`jattn.policy.decoupled.DecoupledImageAttention`.
+
 Legend: B rows of the conditional half (``layout.groups × layout.members``), J subject slots
 per row, R subject tokens, T queries, S text tokens, N heads, H head dim.
 """
@@ -49,8 +52,7 @@ from jattn.policy.core import Layout, Op, Policy, PolicyError, SiteContext, reso
 
 Array = jax.Array
 
-__all__ = ["NestedAttention", "DecoupledAttention", "nested_policy", "decoupled_policy",
-           "nested_value", "star_probs"]
+__all__ = ["NestedAttention", "nested_policy", "nested_value", "star_probs"]
 
 
 def nested_value(q: Array, k_nest: Array, v_nest: Array) -> Array:
@@ -158,34 +160,6 @@ class NestedAttention(Op):
         return _with_cond_rows(lay, out, new)
 
 
-@struct.dataclass
-class DecoupledAttention(Op):
-    """IP-Adapter's decoupled cross-attention (the many-token baseline of the paper):
-    ``out += λ · softmax(q·K̃ᵀ/√H)·Ṽ`` on the conditional rows, image tokens as extra keys
-    and values in a separate softmax (Ye et al. 2023, ``IPAttnProcessor``: ``to_k_ip``,
-    ``to_v_ip``, ``scale``). Shares :func:`nested_value` and the per-site layout of
-    :class:`NestedAttention`.
-
-    Attributes:
-      keys, values: ``{site_path: (B, R, N, H)}`` per conditional row.
-      scale: ``()`` float32 λ; ``active``: ``(B,)`` bool rows that get the image tokens.
-    """
-
-    keys: dict
-    values: dict
-    scale: Array
-    active: Array
-
-    def edit_output(self, ctx, out, p, q, k, v):
-        _check_site("DecoupledAttention", ctx, self.keys, q)
-        lay = ctx.layout
-        qc, oc = _cond_rows(lay, q), _cond_rows(lay, out)
-        ip = nested_value(qc, self.keys[ctx.site.path], self.values[ctx.site.path])
-        ip = jnp.where(self.active[:, None, None, None], ip * self.scale.astype(jnp.float32),
-                       0.0)
-        return _with_cond_rows(lay, out, oc + ip.astype(oc.dtype))
-
-
 def nested_policy(sites, keys: Mapping[str, Array], values: Mapping[str, Array],
                   positions, *, scale: float | Array = 1.0, layout: Layout = Layout(),
                   context_tokens: int = 77) -> Policy:
@@ -219,20 +193,6 @@ def nested_policy(sites, keys: Mapping[str, Array], values: Mapping[str, Array],
                               "(expected (B, J, R, N, H) for both)")
     op = NestedAttention(keys=dict(keys), values=dict(values), positions=pos,
                          scale=jnp.asarray(scale, jnp.float32))
-    return resolve([(_site_regex(paths), op)], sites, layout=layout,
-                   context_tokens=context_tokens)
-
-
-def decoupled_policy(sites, keys: Mapping[str, Array], values: Mapping[str, Array], *,
-                     scale: float | Array = 1.0, active=None, layout: Layout = Layout(),
-                     context_tokens: int = 77) -> Policy:
-    """A policy with :class:`DecoupledAttention` at every cross-attention site of ``keys``
-    (``{site_path: (B, R, N, H)}``); ``active`` ``(B,)`` bool (default all rows)."""
-    paths = _check_paths("decoupled_policy", sites, keys, values)
-    b = keys[paths[0]].shape[0]
-    act = jnp.ones((b,), bool) if active is None else jnp.asarray(active, bool)
-    op = DecoupledAttention(keys=dict(keys), values=dict(values),
-                            scale=jnp.asarray(scale, jnp.float32), active=act)
     return resolve([(_site_regex(paths), op)], sites, layout=layout,
                    context_tokens=context_tokens)
 

@@ -1,6 +1,6 @@
 """Nested Attention's op (jattn.policy.nested): per-query value of s* against a NumPy
 restatement, conditional half only, identity when no subject, the outer softmax untouched,
-λ, several subjects, the decoupled (IP-Adapter) baseline op, errors."""
+λ, several subjects, errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from flax import struct
 
 from jattn.models.attention import AttentionSite, attend, default_attention
 from jattn.policy.core import Layout, Op, PolicyError, compose, resolve
-from jattn.policy.nested import (DecoupledAttention, NestedAttention, decoupled_policy,
-                                 nested_policy)
+from jattn.policy.nested import NestedAttention, nested_policy
 
 N, H, R, S, T = 2, 4, 3, 7, 16
 CROSS = AttentionSite(path="down_blocks.0.attentions.0.transformer_blocks.0.attn2",
@@ -150,26 +149,6 @@ def test_new_values_do_not_retrace():
                             scale=lam, layout=layout, context_tokens=S)
         run(pol)
     assert count["n"] == 1
-
-
-def test_decoupled_matches_numpy():
-    """The IP-Adapter baseline op: conditional rows get + λ·softmax(q·K̃ᵀ/√H)·Ṽ (inactive
-    rows and the unconditional half unchanged). Breaks if the image attention were folded
-    into the text softmax or applied to the wrong rows."""
-    layout = Layout(groups=2, members=1, cfg=True)
-    q, k, v = _inputs(4, seed=50)
-    kn, vn = _rand(51, 2, R, N, H), _rand(52, 2, R, N, H)
-    pol = decoupled_policy(SITES, {CROSS.path: kn}, {CROSS.path: vn}, scale=0.7,
-                           active=[True, False], layout=layout, context_tokens=S)
-    out, _ = attend(CROSS, q, k, v, pol, jnp.int32(0))
-    plain = default_attention(q, k, v)
-    np.testing.assert_array_equal(out[:2], plain[:2])
-    np.testing.assert_array_equal(out[3], plain[3])
-    qn, kk, vv = (np.asarray(a, np.float64) for a in (q[2], kn[0], vn[0]))
-    w = _softmax(np.einsum("tnh,rnh->ntr", qn, kk) / np.sqrt(H))
-    ref = np.asarray(plain[2], np.float64) + 0.7 * np.einsum("ntr,rnh->tnh", w, vv)
-    np.testing.assert_allclose(out[2], ref, atol=2e-5)
-    assert isinstance(pol.ops[0], DecoupledAttention)
 
 
 def test_errors():

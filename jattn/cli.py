@@ -1,7 +1,9 @@
 """The ``jattn`` command line.
 
   jattn generate [--model PATH_OR_ID] --prompt TEXT [--prompt TEXT …] --out-dir DIR
-  jattn sites [--model PATH_OR_ID]
+                 [SDXL: --prompt-2 TEXT --negative-prompt-2 TEXT --original-size H W
+                  --crops-coords-top-left Y X --target-size H W (and --negative-*)]
+  jattn sites [--model PATH_OR_ID]      (SD1/SD2/SDXL sites by diffusers path)
   jattn edit p2p | invert | maps | run CONFIG | demo   (see jattn COMMAND --help)
 
 Every command writes ``DIR/000.png, 001.png, …`` (one per output image, in input order),
@@ -25,8 +27,9 @@ from pathlib import Path
 
 from jattn.commands.common import (FRACTION, GUIDANCE, SCHEDULERS, SEED, SIZE,
                                    STEPS, OutputDir, Parser, add_model_args, add_out_args,
-                                   add_sampling_args, arguments, float_type, int_type,
-                                   load_npy, load_pipeline, read_image, save_grid, seeds_for)
+                                   add_sampling_args, add_sdxl_args, arguments, float_type,
+                                   int_type, load_npy, load_pipeline, read_image, save_grid,
+                                   sdxl_kwargs, seeds_for)
 
 
 # ---------------------------------------------------------------------- commands
@@ -43,12 +46,13 @@ def cmd_generate(args) -> int:
     out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.latents])
     out.reserve(*OutputDir.image_names(n), *(["grid.png"] if n > 1 else []))
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, n)
     t0 = time.perf_counter()
     res = pipe.generate(
         args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, eta=args.eta,
         guidance_rescale=args.guidance_rescale, seed=seeds, height=args.height,
-        width=args.width, latents=latents)
+        width=args.width, latents=latents, **xl)
     seconds = time.perf_counter() - t0
     paths = out.images(res.images)
     if n > 1:
@@ -344,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=SIZE, default=None)
     g.add_argument("--latents", default=None,
                    help=".npy float32 (B, C, h, w): unscaled initial noise as diffusers' latents=")
+    add_sdxl_args(g)
     add_out_args(g)
     g.set_defaults(func=cmd_generate)
 

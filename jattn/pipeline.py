@@ -630,7 +630,9 @@ class Pipeline:
             SDXL only: the negative rows' micro-conditioning; each defaults to its positive
             counterpart. (diffusers uses the negative values only when both negative sizes
             are given, with ``(0, 0)`` for a missing negative crop; the two agree whenever
-            all three or none are given.)
+            all three or none are given. With B > 1 and negative values that differ from
+            the positive ones, diffusers' ``add_time_ids.repeat(batch_size, 1)`` hands rows
+            alternating negative/positive time ids; jattn gives each row its own.)
         Returns:
           :class:`GenerateOutput`.
         Raises:

@@ -119,3 +119,66 @@ def tiny_sd_dir(tmp_path_factory):
     pipe = _tiny_diffusers_pipeline()
     pipe.save_pretrained(d, safe_serialization=True)
     return d
+
+
+def _tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """A tiny random diffusers ``StableDiffusionXLPipeline`` (8² latents, 16² px): the UNet
+    of tests/models/test_unet_sdxl.py's layout (DownBlock2D first, per-block depth 1/1/2
+    and heads 2/4/8, linear projections, text_time added conditioning), text_encoder
+    (CLIP-L style, quick_gelu, hidden 32) and text_encoder_2 (bigG style, gelu, hidden 32,
+    projection 16) with the bundled CLIP tokenizer (tokenizer_2 padding with "!" as SDXL's),
+    a VAE with SDXL's scaling factor 0.13025 and force_upcast, SDXL base's Euler scheduler."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer)
+
+    torch.manual_seed(seed)
+    text_dim, pooled, time_dim = 32, 16, 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=2 * text_dim,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                        sample_size=16, scaling_factor=0.13025, force_upcast=True)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                  eos_token_id=49407, pad_token_id=1, hidden_size=text_dim,
+                  intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  projection_dim=pooled)
+    te = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **common))
+    _randomize_torch_module(unet, seed, std=0.08)
+    _randomize_torch_module(vae, seed + 1, std=0.08)
+    _randomize_torch_module(te, seed + 2, std=0.1)
+    _randomize_torch_module(te2, seed + 3, std=0.1)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear", steps_offset=1,
+                                   timestep_spacing="leading", interpolation_type="linear",
+                                   prediction_type="epsilon", use_karras_sigmas=False)
+    from jattn.io.tokenizer import BUNDLED_TOKENIZER_DIR
+
+    tok = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True)
+    tok2 = CLIPTokenizer.from_pretrained(str(BUNDLED_TOKENIZER_DIR), local_files_only=True,
+                                         pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+        unet=unet, scheduler=sched, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL pipeline (``_tiny_sdxl_pipeline``) saved in diffusers layout
+    (safetensors), for tests that load it with ``jattn.load``."""
+    d = tmp_path_factory.mktemp("tiny_sdxl")
+    _tiny_sdxl_pipeline().save_pretrained(d, safe_serialization=True)
+    return d

@@ -23,7 +23,8 @@ from jattn.io.outputs import OutputDir
 __all__ = ["Parser", "int_type", "float_type", "STEPS", "SEED", "SIZE", "GUIDANCE",
            "FRACTION", "add_model_args", "add_out_args", "add_sampling_args", "load_pipeline",
            "arguments", "save_grid", "write_outputs", "seeds_for", "load_npy", "read_image", "SCHEDULERS",
-           "MAX_SEED", "OutputDir", "renamed_errors", "need_values"]
+           "MAX_SEED", "OutputDir", "renamed_errors", "need_values", "add_sdxl_args",
+           "sdxl_kwargs", "SDXL_FLAGS"]
 
 SCHEDULERS = ["ddim", "ddpm", "euler", "euler-ancestral", "euler-karras", "dpm++2m",
               "dpm++2m-karras"]  # = jattn.sampling.schedulers.SCHEDULER_NAMES
@@ -100,6 +101,80 @@ def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     if seed:
         p.add_argument("--seed", type=SEED, default=0, help=f"in [0, {MAX_SEED}]")
     add_out_args(p)
+
+
+# generate() keyword -> command-line flag, for the SDXL-only arguments
+SDXL_FLAGS = {
+    "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2",
+    "original_size": "--original-size", "crops_coords_top_left": "--crops-coords-top-left",
+    "target_size": "--target-size", "negative_original_size": "--negative-original-size",
+    "negative_crops_coords_top_left": "--negative-crops-coords-top-left",
+    "negative_target_size": "--negative-target-size",
+}
+
+
+def add_sdxl_args(p: argparse.ArgumentParser, *, prompts: bool = True,
+                  negative: bool = True) -> None:
+    """SDXL's conditioning options (an error naming the flag on SD1/SD2 models, see
+    :func:`sdxl_kwargs`): ``--prompt-2`` (repeat, one per ``--prompt``, or one for all),
+    ``--negative-prompt-2``, and the micro-conditioning ``--original-size H W``,
+    ``--crops-coords-top-left Y X``, ``--target-size H W`` (and with ``negative``, their
+    ``--negative-*`` counterparts)."""
+    g = p.add_argument_group("SDXL conditioning (SDXL models only)")
+    if prompts:
+        g.add_argument("--prompt-2", action="append", default=None,
+                       help="prompt of SDXL's second text encoder (default: --prompt); "
+                            "repeat once per --prompt, or give one for all")
+        if negative:
+            g.add_argument("--negative-prompt-2", default=None,
+                           help="negative prompt of the second text encoder (default: "
+                                "--negative-prompt)")
+    pair = int_type(1, None, "a size in pixels")
+    g.add_argument("--original-size", nargs=2, type=pair, metavar=("H", "W"), default=None,
+                   help="micro-conditioning: the size the image 'was' before resizing "
+                        "(default: the output size)")
+    g.add_argument("--crops-coords-top-left", nargs=2, type=int_type(0, None),
+                   metavar=("Y", "X"), default=None,
+                   help="micro-conditioning: crop offset (default 0 0 = centred, uncropped)")
+    g.add_argument("--target-size", nargs=2, type=pair, metavar=("H", "W"), default=None,
+                   help="micro-conditioning: target size (default: the output size)")
+    if negative:
+        g.add_argument("--negative-original-size", nargs=2, type=pair, metavar=("H", "W"),
+                       default=None, help="micro-conditioning of the negative rows "
+                       "(default: --original-size)")
+        g.add_argument("--negative-crops-coords-top-left", nargs=2, type=int_type(0, None),
+                       metavar=("Y", "X"), default=None,
+                       help="(default: --crops-coords-top-left)")
+        g.add_argument("--negative-target-size", nargs=2, type=pair, metavar=("H", "W"),
+                       default=None, help="(default: --target-size)")
+
+
+def sdxl_kwargs(args, pipe, n_prompts: int | None = None) -> dict:
+    """The SDXL keyword arguments of ``Pipeline.generate`` from the options of
+    :func:`add_sdxl_args` (only those given).
+
+    Raises:
+      ValueError: an SDXL option with an SD1/SD2 model (naming the flag and the fix), or
+        ``--prompt-2`` given neither once nor once per ``--prompt``.
+    """
+    out = {}
+    for key, flag in SDXL_FLAGS.items():
+        v = getattr(args, key, None)
+        if v is None:
+            continue
+        if not pipe.is_sdxl:
+            raise ValueError(f"{flag}: this model ({pipe.source}) has one text encoder and no "
+                             f"micro-conditioning (SD1/SD2); {flag} applies to SDXL models "
+                             "only. Fix: leave it out, or pass --model with an SDXL checkpoint.")
+        if key == "prompt_2" and n_prompts is not None:
+            v = list(v)
+            if len(v) == 1:
+                v = v * n_prompts
+            if len(v) != n_prompts:
+                raise ValueError(f"--prompt-2: given {len(v)} times for {n_prompts} --prompt; "
+                                 "give it once (for all prompts) or once per --prompt.")
+        out[key] = tuple(v) if isinstance(v, list) and key != "prompt_2" else v
+    return out
 
 
 _PIPES: dict = {}

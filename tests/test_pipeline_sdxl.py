@@ -101,10 +101,35 @@ def _one(kw, i=1):
     return {k: (v[i:i + 1] if isinstance(v, list) else v) for k, v in kw.items()}
 
 
+def test_sdxl_given_time_ids_reproduce_diffusers_batch_layout(jpipe, ref_pipe):
+    """Negative micro-conditioning at batch 2 against diffusers: its rows take the time
+    ids neg, pos, neg, pos (NEG_SIZES); handing jattn exactly those rows as "time_ids" of
+    prompt_embeds / uncond_embeds reproduces its result (same compiled program as the
+    first test). Breaks if given time_ids were ignored or the negative rows' conditioning
+    were not the uncond half of the CFG batch."""
+    lat = _latents(seed=5)
+    ref = _diffusers(ref_pipe, PROMPTS, lat, **FULL)
+    pos = jpipe.time_ids(1, 16, 16, FULL["original_size"], FULL["crops_coords_top_left"],
+                         FULL["target_size"])
+    neg = jpipe.time_ids(1, 16, 16, *(FULL[k] for k in NEG_SIZES))
+    rows = np.concatenate([neg, pos])  # diffusers: cat([neg, pos]).repeat(B=2, 1)
+    text = jpipe.encode_prompts(PROMPTS, prompts_2=FULL["prompt_2"])
+    un = jpipe.encode_prompts(FULL["negative_prompt"], prompts_2=FULL["negative_prompt_2"])
+    out = jpipe.generate(None, num_inference_steps=STEPS, guidance_scale=GS, latents=lat,
+                         prompt_embeds={**text, "time_ids": rows},
+                         uncond_embeds={**un, "time_ids": rows})
+    _compare(out, *ref, "euler, batch 2, negative micro-conditioning in diffusers' row order")
+    own = jpipe.generate(PROMPTS, num_inference_steps=STEPS, guidance_scale=GS, latents=lat,
+                         **FULL)
+    assert np.abs(own.latents - out.latents).max() > 1e-3  # jattn's own rows differ
+
+
+@pytest.mark.slow
 def test_sdxl_negative_micro_conditioning_matches_diffusers(jpipe, ref_pipe):
-    """Every SDXL input, the negative micro-conditioning included (at batch 1, see
-    NEG_SIZES): diffusers' result. Breaks if the negative rows took the positive time ids
-    or a negative default differed."""
+    """Every SDXL input, the negative micro-conditioning included, through generate's own
+    arguments (at batch 1, where diffusers' rows are right, see NEG_SIZES): diffusers'
+    result. Breaks if the negative rows took the positive time ids or a negative default
+    differed. (A batch-1 compile: slow.)"""
     lat = _latents(1, seed=4)
     ref = _diffusers(ref_pipe, PROMPTS[1:], lat, **_one(FULL))
     out = jpipe.generate(PROMPTS[1:], num_inference_steps=STEPS, guidance_scale=GS,
@@ -183,10 +208,12 @@ def test_encode_prompts_is_the_text_part_of_the_conditioning(jpipe, ref_pipe):
 
 
 # ------------------------------------------------------------------ batch, recompilation
+@pytest.mark.slow
 def test_sdxl_batch_equals_single(jpipe):
     """Row i of a batch equals the same prompt (prompt_2, micro-conditioning) generated
     alone with seed + i, up to batched-matmul rounding (breaks if a conditioning leaf is
-    not per row, e.g. time_ids shared or mis-ordered across the CFG halves)."""
+    not per row, e.g. time_ids shared or mis-ordered across the CFG halves). (A batch-1
+    compile: slow.)"""
     kw = dict(num_inference_steps=STEPS, guidance_scale=GS, seed=10, **FULL)
     batch = jpipe.generate(PROMPTS, **kw)
     alone = jpipe.generate(PROMPTS[1:], num_inference_steps=STEPS, guidance_scale=GS,
@@ -314,9 +341,11 @@ def test_sdxl_loaded_from_the_table(jpipe, tiny_sdxl_dir):
 
 
 # ------------------------------------------------------------------ VAE force_upcast
+@pytest.mark.slow
 def test_force_upcast_decodes_in_float32(tiny_sdxl_dir, jpipe):
     """bfloat16 SDXL pipeline with force_upcast: the VAE decodes in float32 — its images
-    equal a float32 decode with the bf16-rounded weights exactly; SD1 keeps its dtype."""
+    equal a float32 decode with the bf16-rounded weights exactly (a second load and
+    compile: slow; SD1 keeping its dtype is in test_sdxl_only_arguments_on_sd1)."""
     import jax
     import jax.numpy as jnp
 

@@ -69,7 +69,8 @@ Array = jax.Array
 
 __all__ = ["VARIANTS", "PersonalizeConfig", "BaseModel", "base_from_pipeline", "encoder_config",
            "init_params", "personalize_loss", "make_step", "pair_batch", "train",
-           "export_weights", "load_weights", "weights_state_dict"]
+           "export_weights", "load_weights", "weights_state_dict", "generate",
+           "variant_conditioning"]
 
 VARIANTS = ("nested", "token", "ip_adapter")
 _STREAM = 13
@@ -456,3 +457,90 @@ def load_weights(path: str | Path) -> tuple[str, nested_lib.NestedEncoderConfig,
     if ip:
         params["ip"] = ip
     return variant, enc, params, info
+
+
+# ----------------------------------------------------------------------------- generation
+@functools.lru_cache(maxsize=8)
+def _context_fn(text_config: clip_lib.CLIPTextConfig, tok_id: int):
+    return jax.jit(lambda p, t, ids, e: _context(p, t, text_config, ids, tok_id, e))
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(enc: nested_lib.NestedEncoderConfig):
+    return jax.jit(lambda p, x: nested_lib.encode_subjects(p, enc, x))
+
+
+def generate(pipe, weights, subject_images, prompts, seeds=0, *, scale: float | None = None,
+             num_inference_steps: int = 50, guidance_scale: float = 7.5,
+             scheduler: str | None = None, decode: bool = True):
+    """Images of any trained variant, one per (subject image, prompt) pair, in one call —
+    the same interface for Nested Attention and the baselines (for the evaluation).
+
+    Row i shows ``subject_images[i]`` in ``prompts[i]`` (one ``s*`` each). CFG with the
+    empty prompt; the subject acts on the conditional rows only (nested: as
+    :func:`jattn.methods.personalize.personalize`; ip_adapter: λ = 0 on the unconditional
+    rows; token: the unconditional prompt has no s*).
+
+    Args:
+      pipe: the base :class:`jattn.pipeline.Pipeline` the weights were trained for.
+      weights: a path of :func:`export_weights` or ``(variant, encoder config, params)``.
+      subject_images: B images (paths, PIL, uint8 arrays), see
+        :func:`jattn.methods.personalize.load_subject_images`.
+      prompts: B prompts with one ``s*`` each.
+      seeds: an int (image i uses seed + i) or B seeds.
+      scale: λ (nested: on V*, default 1; ip_adapter: the image branch, default the
+        trained ``ip_scale``); ignored by ``token``.
+    Returns:
+      :class:`jattn.pipeline.GenerateOutput` (``images`` uint8 ``(B, H, W, 3)``).
+    Raises:
+      ValueError: different numbers of images and prompts, a prompt without exactly one
+        ``s*``, an unreadable or wrong-size subject image.
+    """
+    from jattn.methods.personalize import (load_subject_images, personalize_policy,
+                                           placeholder_positions)
+
+    if isinstance(weights, (str, Path)):
+        variant, enc, params, info = load_weights(weights)
+    else:
+        variant, enc, params = weights
+        info = {}
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    pixels = load_subject_images(subject_images, enc)
+    if len(pixels) != len(prompts):
+        raise ValueError(f"generate: {len(pixels)} subject images but {len(prompts)} prompts; "
+                         "give one subject image per prompt")
+    _, ids, pos = placeholder_positions(pipe.tokenizer, prompts,
+                                        placeholder_token=enc.placeholder_token,
+                                        max_length=pipe.text_config.max_position_embeddings)
+    if pos.shape[1] != 1:
+        raise ValueError("generate: write s* once per prompt (one subject per image)")
+    b = len(prompts)
+    tok_id = pipe.tokenizer(enc.placeholder_token, add_special_tokens=False)["input_ids"][0]
+    text = pipe.params["text_encoder"]
+    tokens = _encode_fn(enc)(params, jnp.asarray(pixels, jnp.float32))  # (B, R, D)
+    ctx_fn = _context_fn(pipe.text_config, tok_id)
+    ids = jnp.asarray(ids, jnp.int32)
+    pol = None
+    if variant == "token":
+        cond = ctx_fn(None, text, ids, tokens[:, 0])
+    else:
+        cond = ctx_fn(None, text, ids, params["placeholder"]["text_encoder"])
+        sites = pipe.sites()
+        if variant == "nested":
+            keys, values = nested_lib.nested_kv(params, tokens, sites)
+            pol = personalize_policy(pipe, keys, values, pos, np.arange(b)[:, None],
+                                     scale=1.0 if scale is None else scale)
+        else:
+            lam = float(info.get("ip_scale", 1.0) if scale is None else scale)
+            op = DecoupledImageAttention(
+                jnp.concatenate([tokens, tokens]),
+                {s: w["to_k"] for s, w in params["ip"].items()},
+                {s: w["to_v"] for s, w in params["ip"].items()},
+                jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), lam)]).astype(jnp.float32))
+            pol = resolve([(Select(kind="cross"), op)], sites,
+                          layout=Layout(groups=b, members=1, cfg=True),
+                          context_tokens=pipe.text_config.max_position_embeddings)
+    uncond = pipe.encode_prompts([""] * b, name="negative_prompt")
+    return pipe.generate(prompts, prompt_embeds=cond, uncond_embeds=uncond, seed=seeds,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         scheduler=scheduler, policy=pol, decode=decode)

@@ -174,10 +174,13 @@ class Op:
         return out
 
     # ---- feature seam (FeatureSite); x (B, h, w, C), B = halves × G × M rows
-    def norm_stats(self, ctx: SiteContext, x: Array) -> tuple[Array, Array] | None:
+    def norm_stats(self, ctx: SiteContext, x: Array) -> tuple[Array, ...] | None:
         """GroupNorm sites only: ``(mean, var)`` float32 ``(B, 1, G, 1)`` to normalise the
         norm's input ``x`` with (:func:`jattn.models.features.group_norm_stats`), or None
-        (own statistics)."""
+        (own statistics). A third element ``keep``, bool ``(B,)``, names rows normalised
+        with their own statistics by the very computation of no policy (bit-identical;
+        selecting own statistics inside ``mean``/``var`` is not: XLA fuses the reductions
+        differently once they feed other rows)."""
         return None
 
     def feature(self, ctx: SiteContext, x: Array) -> Array:
@@ -353,7 +356,8 @@ class Policy:
         site (bit-identical to no policy), else ``(x_new, aux)``.
 
         At a GroupNorm site ``x`` is the norm's input; the statistics are the last op's
-        :meth:`Op.norm_stats` (own statistics when none gives any), the value is normalised
+        :meth:`Op.norm_stats` (own statistics when none gives any; rows in its optional
+        ``keep`` are normalised with their own, bit for bit), the value is normalised
         with them and then edited by the ops' :meth:`Op.feature`; ``x_new`` is the
         normalised, pre-affine value. Elsewhere the ops' :meth:`Op.feature` edit ``x`` in
         order. Records see the value before and after the edits.
@@ -369,8 +373,18 @@ class Policy:
                 st = op.norm_stats(ctx, x)
                 if st is not None:
                     stats = st
-            mean, var = stats if stats is not None else group_norm_stats(x, site.groups)
-            x = group_normalize(x, mean, var, site.groups, site.eps)
+            own = None
+            if stats is None or len(stats) > 2:  # own statistics, as with no policy
+                own = group_normalize(x, *group_norm_stats(x, site.groups), site.groups,
+                                      site.eps)
+            if stats is None:
+                x = own
+            else:
+                y = group_normalize(x, stats[0], stats[1], site.groups, site.eps)
+                if own is not None:  # rows in `keep` (stats[2]) take their own normalisation
+                    keep = jnp.reshape(stats[2], (-1,) + (1,) * (x.ndim - 1))
+                    y = jnp.where(keep, own, y)
+                x = y
         x_pre = x
         for op in ops:
             x = op.feature(ctx, x)

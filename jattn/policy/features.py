@@ -96,7 +96,8 @@ class SharedGroupNorm(Op):
     (CVPR 2024); google/style-aligned ``sa_handler.py`` (``register_shared_norm``: the
     GroupNorm input ``(B, C, H, W)`` is concatenated along H with ``expand_first`` of it —
     member 0 of each CFG half — normalised, and the first H rows kept). Here per group of
-    the layout, each CFG half from its own half; the source member itself is unchanged.
+    the layout, each CFG half from its own half; the source member itself is unchanged
+    (bit-identical to no policy: ``keep`` of :meth:`jattn.policy.core.Op.norm_stats`).
 
     Attributes:
       source: int32 ``(M,)`` or ``(n_steps, M)`` (per step, :func:`jattn.policy.ops.member_table`)
@@ -111,7 +112,7 @@ class SharedGroupNorm(Op):
 
     seams = ("feature",)
 
-    def norm_stats(self, ctx: SiteContext, x: Array) -> tuple[Array, Array]:
+    def norm_stats(self, ctx: SiteContext, x: Array) -> tuple[Array, Array, Array]:
         _need_kind("SharedGroupNorm", ctx, ("group_norm",))
         m = ctx.layout.members
         if self.source is None:
@@ -124,11 +125,11 @@ class SharedGroupNorm(Op):
         src_mean = take_members(ctx, own_mean, row, "both")
         src_var = take_members(ctx, own_var, row, "both")
         mean, var = shared_group_norm_stats(own_mean, own_var, src_mean, src_var)
-        # members that are their own source keep their own statistics bit for bit
+        # members that are their own source (the source member; every member outside the
+        # window) are normalised by the seam as with no policy: bit for bit (``keep``)
         lay = ctx.layout
-        own = jnp.broadcast_to(row == jnp.arange(m), (lay.halves, lay.groups, m))
-        own = own.reshape(-1, 1, 1, 1)
-        return jnp.where(own, own_mean, mean), jnp.where(own, own_var, var)
+        keep = jnp.broadcast_to(row == jnp.arange(m), (lay.halves, lay.groups, m))
+        return mean, var, keep.reshape(-1)
 
     def feature(self, ctx: SiteContext, x: Array) -> Array:
         _need_kind("SharedGroupNorm", ctx, ("group_norm",))

@@ -30,10 +30,13 @@ slots in order); :class:`jattn.policy.core.Policy` runs the fused kernel on them
 materialised probabilities when a logit bias (shift, mask, excluded slots) is produced.
 
 Exactness outside a window / for the source member: a row whose slots are all off sees
-``[own; own …]`` on the fused path (softmax over duplicated keys is the same distribution:
-equal to plain attention within float32 rounding, not bit for bit), and ``-inf`` on the
-off slots on the bias path (exact zeros in the probabilities; the result differs from the
-fused kernel's by rounding only). AdaIN leaves rows without a source bit-identical.
+``[own; own …]`` on the fused path (the same distribution, not the same bits) or ``-inf``
+on its off slots on the bias path (rounded differently from the fused kernel), so
+:meth:`SharedAttention.edit_output` replaces those rows by plain attention over their own
+keys and values, computed by the fused call of no policy and selected with ``jnp.where``:
+bit-identical to no policy (at the same batch), at the cost of one plain attention of the
+site (measured in ``scripts/bench_edit.py``). AdaIN leaves rows without a source
+bit-identical.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jattn.models.attention import default_attention
 from jattn.policy.core import Op, PolicyError, SiteContext
 from jattn.policy.ops import HALVES, _member_rows, take_members, window_mask
 
@@ -347,9 +351,13 @@ class SharedAttention(Op):
     ``shifted_scaled_dot_product_attention`` adds it to ``logits[..., T:]``), and, with a
     mask, ``-inf`` outside the source's mask (after mask dropout).
 
+    Rows whose slots are all off (the source member; every row outside the window) get
+    their plain attention bit for bit (:meth:`edit_output`).
+
     Reference differences (numerically none for the output): StyleAligned also runs member
     0 through the shared path (attending to ``[own; own]``, shifted, AdaIN toward itself),
-    which gives member 0 its plain attention up to rounding; here member 0's slot is off.
+    which gives member 0 its plain attention up to rounding; here member 0's slot is off
+    and its attention is the plain one, bit for bit.
 
     Attributes:
       sources: int32 ``(M,)`` (one slot, every step), ``(n_steps, M)`` (one slot per step)
@@ -465,6 +473,18 @@ class SharedAttention(Op):
         if len(ks) == 1:
             return q, ks[0], vs[0]
         return q, jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1)
+
+    def edit_output(self, ctx: SiteContext, out: Array, p: Array | None, q: Array, k: Array,
+                    v: Array) -> Array:
+        """Rows whose slots are all off (the source member, every row outside the window)
+        get plain attention over their own keys and values, computed by the same fused call
+        as no policy (:func:`jattn.models.attention.default_attention`) and selected with
+        ``jnp.where``: bit-identical to no policy, whatever path the shared rows took."""
+        rows = self._rows(ctx)
+        off = ~jnp.any(self._on(ctx, rows), axis=-1)                   # (B,)
+        s = k.shape[1] // (rows.shape[1] + (1 if self.own else 0))
+        plain = default_attention(q, k[:, :s], v[:, :s], upcast=ctx.upcast)
+        return jnp.where(off[:, None, None, None], plain, out)
 
     def source_mask(self, ctx: SiteContext, rows: Array) -> Array | None:
         """bool ``(B, Tq, A, S)``: the source tokens each row (and, with ``match_query``,

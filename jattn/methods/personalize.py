@@ -275,6 +275,20 @@ def personalize_policy(pipe, keys: dict, values: dict, positions, subject_index,
                          context_tokens=pipe.text_config.max_position_embeddings)
 
 
+def _placeholder_text_params(pipe, w: nested_lib.NestedWeights) -> dict:
+    """The text encoder's params with the placeholder row, cached per (weights, text params)
+    on the pipeline (one copy of the embedding table per weights, not per call)."""
+    emb = w.params.get("placeholder", {}).get("text_encoder")
+    base = pipe.params["text_encoder"]
+    key = ("nested_text_params", id(emb), id(base), w.config.placeholder_token)
+    hit = pipe._cache.get(key)
+    if hit is None or hit[0] is not emb or hit[1] is not base:
+        ids = pipe.tokenizer(w.config.placeholder_token, add_special_tokens=False)["input_ids"]
+        hit = (emb, base, text_params_with_placeholder(base, ids[0], emb))
+        pipe._cache[key] = hit
+    return hit[2]
+
+
 def load_weights(weights) -> nested_lib.NestedWeights:
     """``None`` -> the shipped default (:data:`DEFAULT_WEIGHTS`), a path -> that file, a
     :class:`NestedWeights` as is."""
@@ -322,9 +336,7 @@ def personalize(pipe, subject_images, prompts: str | Sequence[str], seeds: int |
                                             max_length=pipe.text_config.max_position_embeddings)
     b = len(cases)
     seed_vals = seed_list(seeds, b, "seeds")
-    tok_id = pipe.tokenizer(cfg.placeholder_token, add_special_tokens=False)["input_ids"][0]
-    text_params = text_params_with_placeholder(
-        pipe.params["text_encoder"], tok_id, w.params.get("placeholder", {}).get("text_encoder"))
+    text_params = _placeholder_text_params(pipe, w)
     cond = pipe._text_fn()(text_params, jnp.asarray(ids))
     keys, values = subject_kv(pipe, w, pixels)
     layout = None

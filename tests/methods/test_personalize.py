@@ -195,6 +195,7 @@ def test_cli(tiny_sd_dir, weights, tmp_path, capsys):
         assert __import__("re").search(msg, err), err
 
 
+@pytest.mark.slow  # two more sampler programs: 41 s measured with the machine loaded 5×
 def test_composes_with_style_aligned(pipe, weights):
     """Nested Attention composed with StyleAligned (one group of 2, member 0 the style
     reference): member 0 equals personalisation alone (StyleAligned leaves the reference's

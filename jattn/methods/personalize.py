@@ -339,10 +339,10 @@ def personalize(pipe, subject_images, prompts: str | Sequence[str], seeds: int |
     text_params = _placeholder_text_params(pipe, w)
     cond = pipe._text_fn()(text_params, jnp.asarray(ids))
     keys, values = subject_kv(pipe, w, pixels)
-    layout = None
+    do_cfg = float(guidance_scale) > 1.0  # the pipeline's rule
+    layout = Layout(groups=b, members=1, cfg=do_cfg)
     if extra_policy is not None:
         layout = extra_policy.layout
-        do_cfg = guidance_scale > 1.0
         if layout.groups * layout.members != b or layout.cfg != do_cfg:
             raise ValueError(
                 f"extra_policy: its layout {layout} does not fit the {b} images of this call "

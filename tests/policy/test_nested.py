@@ -165,9 +165,8 @@ def test_errors():
 
 def test_gradients_reach_nested_keys_and_values():
     """Training differentiates through the op: the gradient of the output w.r.t. K̃ and Ṽ
-    is finite, non-zero for a row with a subject and exactly zero for a row without one
-    (and for the unconditional half's nothing leaks). Breaks if the where-masking let
-    absent slots train or the op stopped gradients."""
+    is finite, non-zero for a row with a subject and exactly zero for a row without one.
+    Breaks if the where-masking let absent slots train or the op stopped gradients."""
     layout = Layout(groups=2, members=1, cfg=False)
     q, k, v = _inputs(2, seed=60)
     kn, vn = _rand(61, 2, 1, R, N, H), _rand(62, 2, 1, R, N, H)

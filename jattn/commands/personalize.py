@@ -46,7 +46,8 @@ def cmd_personalize(args) -> int:
             + (" (no trained Nested Attention weights ship with this jattn yet)"
                if not args.weights else "")
             + ". Train them with `python scripts/train_personalize.py` (see "
-            "configs/personalize_world.py), then pass the file with --weights PATH.")
+            "configs/personalize_world.py), then pass the file with --weights PATH"
+            + (f" or copy it to {DEFAULT_WEIGHTS}." if not args.weights else "."))
     out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=subjects + [str(weights)])
     out.reserve(*(OutputDir.image_names(len(cases)) + ["grid.png"]))
     pipe = load_pipeline(args)

@@ -3,7 +3,7 @@
 
   python scripts/train_personalize.py --variant nested --out /work/ckpt/personalize_nested
   python scripts/train_personalize.py --variant token --out DIR [--steps N] [--max-minutes M]
-  python scripts/train_personalize.py --variant ip_adapter --out DIR --export-only
+  python scripts/train_personalize.py --variant ip_adapter --out DIR --export-only [--validate]
 
 Resumes from the newest checkpoint in ``DIR/ckpt`` (a kill, SIGTERM, --max-minutes or the
 end of a session loses at most ``checkpoint_every`` steps; the same command continues).
@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="base model folder (default: the bundled model)")
     ap.add_argument("--export", default=None, help="weights file (default: OUT/weights.safetensors)")
     ap.add_argument("--export-only", action="store_true", help="export the newest checkpoint's EMA")
+    ap.add_argument("--validate", action="store_true",
+                    help="with --export-only: also print the held-out validation loss of the "
+                         "EMA (with the subject and with shuffled subjects)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop cleanly after this many minutes of running time")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -80,6 +83,11 @@ def main(argv=None) -> int:
         ck = StageCheckpoints(out / "ckpt")
         state = ck.restore(init_state(P.init_params(cfg, base), tx))
         finished = int(state["step"]) >= cfg.steps
+        if args.validate:
+            import json
+
+            v = P.validation_loss(cfg, base, state["ema"])
+            print(json.dumps({"step": int(state["step"]), **v}), flush=True)
     else:
         with StopFlag(60 * args.max_minutes if args.max_minutes else None) as stop:
             state, finished = P.train(cfg, base, out, stop=stop, progress=not args.no_progress)

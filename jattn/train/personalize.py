@@ -70,7 +70,7 @@ Array = jax.Array
 __all__ = ["VARIANTS", "PersonalizeConfig", "BaseModel", "base_from_pipeline", "encoder_config",
            "init_params", "personalize_loss", "make_step", "pair_batch", "train",
            "export_weights", "load_weights", "weights_state_dict", "generate",
-           "variant_conditioning"]
+           "variant_conditioning", "validation_loss"]
 
 VARIANTS = ("nested", "token", "ip_adapter")
 _STREAM = 13
@@ -371,6 +371,30 @@ def train(cfg: PersonalizeConfig, base: BaseModel, workdir: str | Path, *,
                          checkpoint_every=cfg.checkpoint_every, stop=stop, progress=progress)
     finally:
         ckpts.close()
+
+
+def validation_loss(cfg: PersonalizeConfig, base: BaseModel, params, *, batches: int = 4,
+                    split: str = "heldout", seed: int = 1234) -> dict[str, float]:
+    """Mean loss / mse of ``params`` on ``batches`` fixed batches of ``split`` pairs (data
+    seed ``seed``, fixed timesteps and noise), with the subject (``"loss"``) and with the
+    subject's pixels replaced by another subject's (``"loss_shuffled"``: the batch rolled
+    by one): the gap is what the encoder's identity information is worth."""
+    vcfg = cfg.replace(data_seed=seed)
+    enc = encoder_config(cfg, base)
+    frozen = {"unet": base.params["unet"], "text_encoder": base.params["text_encoder"]}
+    fn = jax.jit(lambda p, px, lat, ids, pos, k: personalize_loss(
+        p, frozen, px, lat, ids, pos, k, cfg=cfg, enc=enc, base=base,
+        tok_id=_token_id(base, enc)))
+    out = {"loss": [], "mse": [], "loss_shuffled": []}
+    for i in range(batches):
+        px, lat, ids, pos = pair_batch(vcfg, base, i, split=split)
+        key = jax.random.key(seed + i)
+        loss, m = fn(params, px, lat, ids, pos, key)
+        out["loss"].append(float(loss))
+        out["mse"].append(float(m["mse"]))
+        out["loss_shuffled"].append(float(fn(params, jnp.roll(px, 1, axis=0), lat, ids, pos,
+                                             key)[0]))
+    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- weights

@@ -120,7 +120,7 @@ def test_encoder_parity_with_transformers_and_diffusers():
     proj = embeddings.IPAdapterPlusImageProjection(
         embed_dims=r.embedding_dim, output_dims=r.output_dim, hidden_dims=r.dim, depth=r.depth,
         dim_head=r.dim_head, heads=r.heads, num_queries=r.num_queries, ffn_ratio=r.ff_mult)
-    proj.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+    proj.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
                           resampler_state_dict(params["resampler"], layout="diffusers").items()},
                          strict=True)
     px = np.asarray(_pixels(2, seed=4))

@@ -193,3 +193,44 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
     import json
     steps = [json.loads(x)["step"] for x in (kill_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_training_context_equals_inference_context():
+    """The context the training step builds for s* (``inputs_embeds`` with the placeholder
+    embedding at s*'s positions) equals the inference side's (the placeholder's row of the
+    token table replaced, jattn.methods.personalize.text_params_with_placeholder), and
+    ``inputs_embeds`` equal to the lookup changes nothing. Breaks if the weights were
+    trained against another text conditioning than the one they are used with."""
+    from jattn.methods.personalize import text_params_with_placeholder
+    from jattn.models import clip_text
+    from jattn.train.personalize import _context
+
+    cfg = clip_text.CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2)
+    model = clip_text.CLIPTextModel(cfg)
+    ids = jnp.asarray([[49406, 320, 48136, 530, 49407] + [49407] * 3,
+                       [49406, 48136, 49407] + [49407] * 5], jnp.int32)
+    # random params without compiling an init (shapes from eval_shape)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.2, jnp.float32), shapes)
+    table = params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    emb = jnp.linspace(-1, 1, 16, dtype=jnp.float32)
+
+    @jax.jit
+    def run(params, emb):
+        def enc(p, **kw):
+            return model.apply({"params": p}, ids, **kw)["last_hidden_state"]
+        t = params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+        return (enc(params), enc(params, inputs_embeds=t[ids]),
+                _context(None, params, cfg, ids, 48136, emb),
+                enc(text_params_with_placeholder(params, 48136, emb)))
+
+    plain, same, ours, theirs = run(params, emb)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+    assert float(jnp.max(jnp.abs(ours - plain))) > 1e-3
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        jax.eval_shape(lambda: model.apply({"params": params}, ids,
+                                           inputs_embeds=table[ids][:, :4]))

@@ -30,9 +30,12 @@ Optimisation: AdamW lr 2e-4 (warmup 200, then constant), weight decay 0.01, clip
 batch 8, EMA 0.999 (exported), the bundled model's objective (v-prediction, zero-terminal
 SNR schedule) with Min-SNR-γ 5, t uniform.
 
-Cost measured (2-core CPU shared with other jobs, nice 10, batch 8): first compile
-≈ 2 min, then ≈ 0.7–1.7 s per step (≈ 1 step/s); STEPS = 5000 per variant ≈ 1.5–2 h, the
-three variants in turn ≈ 5–6 h of wall time = 2–3 sessions of background training.
+Cost measured (this 2-core CPU shared with five other engineers' jobs, load average
+≈ 10, nice 10, batch 8): start-up ≈ 1 min (load, encoder init) + first compile ≈ 2–3 min,
+then 0.82 steps/s (≈ 1.2 s/step; the smoke run's 20 steps: 4 min with the compile).
+STEPS = 5000 per variant ≈ 1.7 h, the three variants in turn ≈ 5.3 h of wall time = two
+sessions of background training (a session's background job ends with the session; the
+driver line above resumes it).
 
 Expected: the loss falls below the text-only loss of the same captions (the encoder
 carries colour/shape/fill); the evaluation (scripts/eval_personalize.py, held-out subjects)

@@ -2,6 +2,8 @@
 
 Run:  python scripts/bench_generate.py cpu [--latent 32] [--batch 2] [--repeats 3]
       python scripts/bench_generate.py gpu            (on a lent GPU: 512 px, 50 DDIM, CFG)
+      python scripts/bench_generate.py cpu --sdxl [--sdxl-latents 32 64] [--batch 2]
+                                                      (SDXL base UNet config, see below)
 
 CPU part (a): builds diffusers' SD1.5-config UNet (859.5M params), VAE and CLIP-L text
 encoder with random weights, converts them to jattn, and prints in one run:
@@ -12,6 +14,27 @@ GPU part (b): SD1.5 config, 512 px, 50 DDIM steps with CFG, batch 1 and 8, bf16:
   images/s and model-FLOPs utilisation (UNet 0.804 TFLOP per forward at 64², VAE decode
   2.5 TFLOP), jattn vs diffusers torch (SDPA; torch.compile if it works).
 Expected (CPU, this 2-core machine): parity ≤ 1e-4 max-abs; ratio printed.
+
+SDXL part (``--sdxl``, issue 16): diffusers' SDXL base UNet config (2.567 B params,
+``addition_embed_type="text_time"``) with random weights, fp32, batch 2 at 32² and 64²
+latents: parity against diffusers on the same weights (built once in torch, converted
+without a second full copy: the numpy views are drained key by key), steady-state time per
+forward jattn / diffusers (goal ≤ 1.0), jattn compile time (goal ≤ 90 s), working memory;
+then XLA's cost analysis of one forward at 128² latents, batch 1 (ShapeDtypeStruct params,
+nothing allocated; dense attention so no loop hides FLOPs; XLA counts a multiply-add as 2
+FLOPs) beside the reference 6.83 TFLOP. Peak resident memory ≈ one fp32 copy of the UNet
+(10.3 GB) + activations.
+
+Measured 2026-11-30 (``--sdxl --repeats 2``, 2 threads each, the 2-core machine shared with
+other jobs, load average ~10 throughout: absolute times are inflated and PyTorch's OpenMP
+threads suffer more from the contention than XLA's, so the ratios flatter jattn):
+
+  latents  max-abs   |ref|max  diffusers s      jattn s         ratio  compile s  mem GB torch/jattn
+   32x32   2.28e-06     1.315   88.51 ( 92.01)   34.35 ( 35.26)  0.388     54.6    0.14 / 0.32
+   64x64   2.09e-06     1.412  161.47 (172.58)  119.02 (119.40)  0.737     60.4    0.11 / 0.66
+  XLA cost analysis at 128², batch 1: 6.77 TFLOP (multiply-add = 2) vs 6.83 reference (0.992)
+  (memory = peak RSS growth above the resident weights during one forward after warm-up;
+  torch reuses its freed heap, so its figure is a lower bound)
 
 Where time goes (CPU, SD1.5 UNet, batch 2, 64² latents, fp32, 2 threads each; measured
 2026-11 with scripts/bench_unet_parts.py and a jax.profiler trace of the whole forward;
@@ -73,6 +96,17 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hid
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
               bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 UNET_TFLOP_64 = 0.804
+# diffusers' stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (defaults omitted)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+SDXL_UNET_TFLOP_128 = 6.83  # reference figure per forward, 128² latents (1024 px), batch 1
 VAE_DECODE_TFLOP_512 = 2.51
 
 
@@ -104,6 +138,16 @@ def timeit(fn, repeats):
         fn()
         ts.append(time.perf_counter() - t0)
     return min(ts), float(np.median(ts))
+
+
+def timeit_mem(fn, repeats):
+    """``timeit`` whose first timed call also measures the working memory (GB): saves one
+    extra forward where a forward takes minutes. Returns (best, median, memory)."""
+    box = {}
+    mem = working_memory(lambda: box.setdefault("t", timeit(fn, 1)))
+    best, med = timeit(fn, repeats - 1) if repeats > 1 else box["t"]
+    ts = [box["t"][0]] + ([best] if repeats > 1 else [])
+    return min(ts), (float(np.median([box["t"][0], med])) if repeats > 1 else box["t"][1]), mem
 
 
 def torch_sd(module):
@@ -188,6 +232,157 @@ def bench_cpu(args):
     cout = np.asarray(jax.jit(lambda p, i: cmod.apply({"params": p}, i)["last_hidden_state"])(
         cparams, jnp.asarray(ids, jnp.int32)))
     print(f"clip  last_hidden_state max-abs {np.abs(cout - cref).max():.3e}")
+
+
+class _Draining:
+    """A state dict whose ``items()`` pops each entry as it is handed out, so a converter
+    holding only the converted copy frees the source array key by key (one full copy of
+    the weights resident at a time, not two)."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def items(self):
+        while self.sd:
+            key = next(iter(self.sd))
+            yield key, self.sd.pop(key)
+
+
+class _DenseAttention:
+    """Policy for the cost analysis: every site through XLA's plain dot-product attention
+    (the CPU path maps over heads with ``lax.map``, whose body XLA's cost analysis counts
+    once)."""
+
+    def attend(self, site, q, k, v, step, *, upcast):
+        import jax
+
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla"), {}
+
+
+def sdxl_cost_analysis(cfg, latent: int = 128, batch: int = 1, tokens: int = 77) -> dict:
+    """XLA cost analysis (lowered HLO) of one SDXL UNet forward; ShapeDtypeStruct params."""
+    import jax
+    import jax.numpy as jnp
+
+    from jattn.models import unet as unet_lib
+
+    model = unet_lib.UNet2DConditionModel(cfg)
+    sds = jax.ShapeDtypeStruct
+    args = (unet_lib.param_shapes(cfg), sds((batch, latent, latent, 4), jnp.float32),
+            sds((batch,), jnp.int32), sds((batch, tokens, cfg.cross_attention_dim), jnp.float32),
+            {"text_embeds": sds((batch, 1280), jnp.float32),
+             "time_ids": sds((batch, 6), jnp.float32)})
+    fwd = jax.jit(lambda p, x, t, c, a: model.apply({"params": p}, x, t, c, added_cond=a,
+                                                    policy=_DenseAttention())[0])
+    cost = fwd.lower(*args).cost_analysis()
+    return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def bench_sdxl(args):
+    """SDXL base UNet config, random weights, fp32, batch B at each of --sdxl-latents."""
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from jattn.models import unet as unet_lib
+
+    torch.set_num_threads(args.threads)
+    b, sizes = args.batch, args.sdxl_latents
+    cfg = unet_lib.UNetConfig.from_diffusers(SDXL_UNET)
+    print(f"# CPU benchmark: SDXL base UNet config, random weights, batch {b}, latents "
+          f"{', '.join(f'{h}x{h}' for h in sizes)}, 77-token context (2048 wide), fp32")
+    print(f"# jax {jax.__version__} devices {jax.devices()}; torch {torch.__version__} "
+          f"threads {torch.get_num_threads()}")
+    rng = np.random.default_rng(0)
+    ctx = rng.standard_normal((b, 77, 2048)).astype(np.float32)
+    text = rng.standard_normal((b, 1280)).astype(np.float32)
+    ids = np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]], np.float32), (b, 1))
+    ids[1:, :2] = (768, 1280)
+    t = np.array([999, 500][:b] + [10] * max(0, b - 2), np.int64)
+    xs = {h: rng.standard_normal((b, 4, h, h)).astype(np.float32) for h in sizes}
+
+    # ---------------- diffusers first; its weights then move to jattn (never two copies)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    tu = UNet2DConditionModel(**SDXL_UNET).eval()
+    n_params = sum(p.numel() for p in tu.parameters())
+    print(f"diffusers UNet built in {time.perf_counter() - t0:.0f} s: {n_params:,} params "
+          f"({n_params * 4 / 1e9:.2f} GB fp32)")
+    added_t = {"text_embeds": torch.from_numpy(text), "time_ids": torch.from_numpy(ids)}
+    rows = {}
+    for h in sizes:
+        xt = torch.from_numpy(xs[h])
+
+        def run_torch():
+            with torch.no_grad():
+                return tu(xt, torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx),
+                          added_cond_kwargs=added_t).sample
+
+        ref = run_torch().numpy()  # warm-up and reference
+        best, med, mem = timeit_mem(run_torch, args.repeats)
+        rows[h] = dict(ref=ref, torch=(best, med), torch_mem=mem)
+        print(f"  diffusers {h}x{h}: {best:.2f} s (median {med:.2f}), working memory "
+              f"{mem:.2f} GB", flush=True)
+    sd = {k: v.detach().numpy() for k, v in tu.state_dict().items()}  # views, no copy
+    del tu
+    gc.collect()
+    t0 = time.perf_counter()
+    flat = unet_lib.convert_unet_state_dict(_Draining(sd), cfg)
+    del sd
+    gc.collect()
+    # to device leaf by leaf, dropping each host array once it is on the device
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(flat)
+    params = {}
+    for path in list(flat):
+        params[path] = jax.device_put(flat.pop(path))
+    params = traverse_util.unflatten_dict(params)
+    print(f"converted to jattn in {time.perf_counter() - t0:.0f} s; resident "
+          f"{_status_gb('VmRSS'):.1f} GB")
+
+    model = unet_lib.UNet2DConditionModel(cfg)
+    fwd = jax.jit(lambda p, x, t, c, a: model.apply({"params": p}, x, t, c, added_cond=a)[0])
+    added_j = {"text_embeds": jnp.asarray(text), "time_ids": jnp.asarray(ids)}
+    cj, tj = jnp.asarray(ctx), jnp.asarray(t, jnp.int32)
+    for h in sizes:
+        xj = jnp.asarray(xs[h].transpose(0, 2, 3, 1))
+        t0 = time.perf_counter()
+        compiled = fwd.lower(params, xj, tj, cj, added_j).compile()
+        compile_s = time.perf_counter() - t0
+        run = lambda: compiled(params, xj, tj, cj, added_j).block_until_ready()  # noqa: E731
+        out = np.asarray(compiled(params, xj, tj, cj, added_j)).transpose(0, 3, 1, 2)
+        best, med, mem = timeit_mem(run, args.repeats)
+        r = rows[h]
+        r.update(jattn=(best, med), jattn_mem=mem, compile=compile_s,
+                 err=float(np.abs(out - r["ref"]).max()), scale=float(np.abs(r["ref"]).max()))
+        print(f"  jattn {h}x{h}: {best:.2f} s (median {med:.2f}), compile {compile_s:.1f} s, "
+              f"working memory {mem:.2f} GB, max-abs {r['err']:.2e}", flush=True)
+        del compiled
+        gc.collect()
+    del params
+    gc.collect()
+
+    print(f"\n  SDXL UNet, batch {b}, fp32, {args.threads} threads each; time = best of "
+          f"{args.repeats} (median)")
+    print("  latents  max-abs    |ref|max  diffusers s      jattn s          ratio  "
+          "compile s  mem torch/jattn GB")
+    for h in sizes:
+        r = rows[h]
+        print(f"  {h:3d}x{h:<3d}  {r['err']:.2e}  {r['scale']:8.3f}  "
+              f"{r['torch'][0]:6.2f} ({r['torch'][1]:6.2f})  {r['jattn'][0]:6.2f} "
+              f"({r['jattn'][1]:6.2f})  {r['jattn'][0] / r['torch'][0]:5.3f}  "
+              f"{r['compile']:7.1f}    {r['torch_mem']:.2f} / {r['jattn_mem']:.2f}")
+    t0 = time.perf_counter()
+    cost = sdxl_cost_analysis(cfg)
+    flops = float(cost.get("flops", float("nan")))
+    print(f"\n  XLA cost analysis, one SDXL UNet forward at 128x128 latents, batch 1, 77 "
+          f"tokens (lowered HLO, {time.perf_counter() - t0:.0f} s): {flops / 1e12:.2f} TFLOP "
+          f"(a multiply-add counts 2 FLOPs) vs reference {SDXL_UNET_TFLOP_128} TFLOP "
+          f"(ratio {flops / 1e12 / SDXL_UNET_TFLOP_128:.3f}); bytes accessed "
+          f"{float(cost.get('bytes accessed', float('nan'))) / 1e9:.1f} GB")
 
 
 def bench_gpu(args):  # pragma: no cover - needs a lent GPU
@@ -280,8 +475,23 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-vae-text", action="store_true")
+    ap.add_argument("--sdxl", action="store_true",
+                    help="SDXL base UNet config (random weights) instead of SD1.5")
+    ap.add_argument("--sdxl-latents", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--sdxl-cost-only", action="store_true",
+                    help="only the XLA cost analysis at 128² (no weights)")
     args = ap.parse_args()
-    bench_cpu(args) if args.mode == "cpu" else bench_gpu(args)
+    if args.sdxl_cost_only:
+        from jattn.models import unet as unet_lib
+        cost = sdxl_cost_analysis(unet_lib.UNetConfig.from_diffusers(SDXL_UNET))
+        print(f"SDXL UNet 128² batch 1: {float(cost['flops']) / 1e12:.3f} TFLOP "
+              f"(multiply-add = 2) vs reference {SDXL_UNET_TFLOP_128}")
+    elif args.sdxl:
+        if args.mode != "cpu":
+            ap.error("--sdxl runs on the CPU part only (mode cpu)")
+        bench_sdxl(args)
+    else:
+        bench_cpu(args) if args.mode == "cpu" else bench_gpu(args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Synthesis", the added size/crop conditioning of section 2.2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -1031,7 +1032,14 @@ def list_feature_sites(config: UNetConfig,
 
 
 def param_shapes(config: UNetConfig) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), no FLOPs."""
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves (float32), no FLOPs (traced once
+    per config: converting, initialising and exporting reuse it; SDXL's trace takes
+    seconds)."""
+    return jax.tree.map(lambda s: s, _param_shapes(config))  # a fresh tree per caller
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(config: UNetConfig) -> dict:
     model = UNet2DConditionModel(config)
     size = 2 ** (len(config.block_out_channels) - 1)
     x, t, ctx = _dummy_inputs(config, size, 1)

@@ -118,8 +118,9 @@ def test_parity_with_diffusers(tiny_dir):
         ref = tm(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
                  added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}
                  ).sample.numpy()
-    out, aux = _apply(cfg)(params, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx),
-                           {k: jnp.asarray(v) for k, v in added.items()})
+    apply = _apply(cfg)  # one compilation for both calls
+    out, aux = apply(params, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx),
+                     {k: jnp.asarray(v) for k, v in added.items()})
     out = np.transpose(np.asarray(out), (0, 3, 1, 2))
     assert out.shape == ref.shape and aux == {}
     err = np.abs(out - ref).max()
@@ -127,8 +128,8 @@ def test_parity_with_diffusers(tiny_dir):
     assert err <= 1e-5 * scale, (err, scale)
     # the added conditioning matters: other time ids change the output
     other = dict(added, time_ids=added["time_ids"][::-1].copy())
-    out2, _ = _apply(cfg)(params, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx),
-                          {k: jnp.asarray(v) for k, v in other.items()})
+    out2, _ = apply(params, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx),
+                    {k: jnp.asarray(v) for k, v in other.items()})
     assert np.abs(np.asarray(out2).transpose(0, 3, 1, 2) - out).max() > 1e-3
 
 

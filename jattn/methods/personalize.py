@@ -108,6 +108,11 @@ def placeholder_positions(tokenizer, prompts: Sequence[str], *,
         texts.append(_STAR.sub(placeholder_token, p))
     ids = tokenize(tokenizer, texts, max_length=max_length, name=name)
     counts = [int((row == tok_id).sum()) for row in ids]
+    for i, (c, want) in enumerate(zip(counts, star_counts(prompts, name=name))):
+        if c != want:  # a word whose BPE split ends in the placeholder token
+            raise ValueError(f"{name}[{i}] {prompts[i]!r}: a word of it tokenizes to "
+                             f"{placeholder_token!r}, the token that stands for "
+                             f"{PLACEHOLDER}; rephrase that word.")
     pos = np.full((len(texts), max(counts)), -1, np.int32)
     for i, row in enumerate(ids):
         where = np.flatnonzero(row == tok_id)

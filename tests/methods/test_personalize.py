@@ -137,7 +137,8 @@ def test_no_subject_is_bit_identical_through_unet(pipe, weights):
 def test_api_errors(pipe, weights, tmp_path):
     """Bad input -> one clear error naming the argument: a prompt without s*, two s* with
     one subject image, an unreadable subject image, a wrong-size one (too small, too
-    elongated), a missing file, weights missing (says how to train / pass weights)."""
+    elongated), a missing file, weights missing (says how to train / pass weights), a prompt
+    using the placeholder word or a word whose BPE split ends in it."""
     with pytest.raises(ValueError, match=r"prompts\[1\].*has no s\*"):
         P.personalize(pipe, [_img(0)], ["s* here", "a red circle"], weights=weights)
     with pytest.raises(ValueError, match=r"2 s\* placeholders but 1 subject image was given"):
@@ -155,6 +156,8 @@ def test_api_errors(pipe, weights, tmp_path):
         P.personalize(pipe, [_img(0)], ["s*"], weights=tmp_path / "none.safetensors")
     with pytest.raises(ValueError, match="contains 'sks'"):
         P.personalize(pipe, [_img(0)], ["s* next to sks"], weights=weights)
+    with pytest.raises(ValueError, match="tokenizes to 'sks'"):  # BPE: 'z' + 'sks</w>'
+        P.personalize(pipe, [_img(0)], ["s* next to zsks"], weights=weights)
 
 
 def test_cli(tiny_sd_dir, weights, tmp_path, capsys):

@@ -7,7 +7,8 @@ stop, a kill or the end of a session)::
     python scripts/train_personalize.py --variant token --out /work/ckpt/personalize_token
     python scripts/train_personalize.py --variant ip_adapter --out /work/ckpt/personalize_ip_adapter
     # or all three in turn, in the background (what the sessions run):
-    nohup nice -n 10 bash scripts/train_personalize_all.sh /work/ckpt /work/logs > /work/logs/train_personalize.log 2>&1 &
+    nohup nice -n 10 bash scripts/train_personalize_all.sh /work/ckpt /work/logs \
+        > /work/logs/train_personalize.log 2>&1 &
 
 Data (jattn/world/pairs.py): pair i of step s is ``make_pairs(B, data_seed=0, "train",
 start=s·B)[i]`` — a subject image (the object alone near the centre of another background)

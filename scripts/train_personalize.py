@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "personalize_world.py"),
                     help="recipe file[:arg] (default: configs/personalize_world.py, arg = variant)")
     ap.add_argument("--model", default=None, help="base model folder (default: the bundled model)")
-    ap.add_argument("--export", default=None, help="weights file (default: OUT/weights.safetensors)")
+    ap.add_argument("--export", default=None,
+                    help="weights file (default: OUT/weights.safetensors)")
     ap.add_argument("--export-only", action="store_true", help="export the newest checkpoint's EMA")
     ap.add_argument("--validate", action="store_true",
                     help="with --export-only: also print the held-out validation loss of the "

@@ -49,7 +49,8 @@ TINY_BASE = textwrap.dedent("""
                            np.asarray(alphas_cumprod(st), np.float32), "v_prediction", 16)
 
     def tiny_config(variant):
-        spec = importlib.util.spec_from_file_location("recipe", ROOT + "/configs/personalize_world.py")
+        spec = importlib.util.spec_from_file_location(
+            "recipe", ROOT + "/configs/personalize_world.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod.get_config("tiny:" + variant)
@@ -240,8 +241,8 @@ def test_training_context_equals_inference_context():
 def test_generate_every_variant_and_nested_equals_personalize(tmp_path):
     """generate() runs every variant on the bundled model (one image per subject/prompt
     pair), and for nested weights gives exactly jattn.methods.personalize.personalize's
-    image up to float rounding (same CFG, same conditional-only policy). Breaks if the evaluation's path and
-    the user's path drift apart."""
+    image up to float rounding (same CFG, same conditional-only policy). Breaks if the
+    evaluation's path and the user's path drift apart."""
     import jattn
     from jattn.methods.personalize import personalize
     from jattn.train import personalize as P

@@ -58,7 +58,8 @@ def cmd_style_aligned(args) -> int:
             pipe, prompts, seed=args.seed, num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale, reference_image=image,
             reference_prompt=args.reference_prompt, inversion_guidance=args.inversion_guidance,
-            offset=args.offset, share_group_norm=not args.no_share_group_norm,
+            offset=args.offset,
+            share_group_norm=False if args.no_share_group_norm else None,  # None: per family
             full_attention_share=args.full_attention_share,
             shared_score_scale=args.shared_score_scale,
             shared_score_shift=args.shared_score_shift, window=tuple(args.window),
@@ -95,7 +96,8 @@ def register(sub, edit_sub) -> None:
     p.add_argument("--shared-score-scale", type=float_type(), default=1.0,
                    help="factor on the reference's keys (default 1)")
     p.add_argument("--no-share-group-norm", action="store_true",
-                   help="GroupNorm statistics per image (the SDXL notebooks; SD1 shares them)")
+                   help="GroupNorm statistics per image (the SDXL notebooks' setting and the "
+                        "default on SDXL models; SD1/SD2 share them by default)")
     p.add_argument("--full-attention-share", action="store_true",
                    help="every image attends to every image (no AdaIN, no reference)")
     p.add_argument("--window", type=FRACTION, nargs=2, default=[0.0, 1.0],

@@ -27,7 +27,8 @@ This front-end only composes generic ops:
 
 Reference defaults: SD1 notebook: DDIM 50 steps, CFG 7.5, share_group_norm, share_attention,
 adain_queries, adain_keys True, adain_values False, scale 1, shift 0. SDXL notebooks use
-share_group_norm False (jattn loads no SDXL yet; the default here is the SD1 notebook's).
+share_group_norm False: ``share_group_norm=None`` (default) takes the SD1 notebook's True on
+SD1/SD2 and the SDXL notebooks' False on SDXL (``pipe.is_sdxl``).
 Transfer notebook: shift log 2, generation CFG 10, inversion CFG 2, offset 5.
 
 Reference differences: the reference runs member 0 through the shared path too (AdaIN toward
@@ -107,8 +108,16 @@ def shared_self_sites(sites, only_self_level: float = 0.0, *,
     return [s for j, s in enumerate(selfs) if not vec[j]]
 
 
+def _group_norm_default(pipe, share_group_norm: bool | None) -> bool:
+    """``share_group_norm``: None -> the reference's default for the model family (SD1
+    notebook True; SDXL notebooks False)."""
+    if share_group_norm is None:
+        return not getattr(pipe, "is_sdxl", False)
+    return bool(share_group_norm)
+
+
 def style_aligned_policy(pipe, members: int, num_steps: int, *, groups: int = 1,
-                         cfg: bool = True, share_group_norm: bool = True,
+                         cfg: bool = True, share_group_norm: bool | None = None,
                          full_attention_share: bool = False, adain_queries: bool = True,
                          adain_keys: bool = True, adain_values: bool = False,
                          shared_score_scale: float = 1.0, shared_score_shift: float = 0.0,
@@ -123,7 +132,8 @@ def style_aligned_policy(pipe, members: int, num_steps: int, *, groups: int = 1,
       members: M ≥ 2; num_steps: denoising steps (tables are per step).
       groups: G independent groups in the batch.
       cfg: the run uses classifier-free guidance (``guidance_scale > 1``); both halves share.
-      share_group_norm: GroupNorm statistics over own + member 0 at every GroupNorm.
+      share_group_norm: GroupNorm statistics over own + member 0 at every GroupNorm; None
+        (default): True on SD1/SD2 (SD1 notebook), False on SDXL (the SDXL notebooks).
       full_attention_share: every member attends to all members (no AdaIN/scale/shift).
       adain_queries, adain_keys, adain_values: AdaIN toward member 0 (per head/channel,
         statistics over tokens, unbiased variance + 1e-5).
@@ -143,6 +153,7 @@ def style_aligned_policy(pipe, members: int, num_steps: int, *, groups: int = 1,
       ValueError: M < 2, a window or level outside [0, 1], non-finite scale/shift.
     """
     m, n, g = int(members), int(num_steps), int(groups)
+    share_group_norm = _group_norm_default(pipe, share_group_norm)
     if m < 2:
         raise ValueError(f"members={m}: a group of one image shares nothing; StyleAligned needs "
                          "the reference (member 0) and at least one more prompt")
@@ -231,7 +242,7 @@ def style_aligned(pipe, prompts: Sequence[str] | Sequence[Sequence[str]], *, see
                   num_inference_steps: int = 50, guidance_scale: float = 7.5,
                   reference_image: Any = None, reference_prompt: str | Sequence[str] | None = None,
                   inversion_guidance: float = 2.0, offset: int = 5,
-                  share_group_norm: bool = True, full_attention_share: bool = False,
+                  share_group_norm: bool | None = None, full_attention_share: bool = False,
                   adain_queries: bool = True, adain_keys: bool = True,
                   adain_values: bool = False, shared_score_scale: float = 1.0,
                   shared_score_shift: float = 0.0, only_self_level: float = 0.0,
@@ -310,6 +321,7 @@ def style_aligned(pipe, prompts: Sequence[str] | Sequence[Sequence[str]], *, see
     height, width = pipe.check_size(height or pipe.default_size, width or pipe.default_size,
                                     g * m)
     cfg = gs > 1.0
+    share_group_norm = _group_norm_default(pipe, share_group_norm)
     policies = []
     if share:
         policies.append(style_aligned_policy(

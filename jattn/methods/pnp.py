@@ -35,6 +35,14 @@ call order (SD1/SD2: up_blocks.1.attentions.1–2, up_blocks.2–3, the referenc
 ``res_dict``; the bundled model: up_blocks.1.attentions.1 at 8² and up_blocks.2 at 16²).
 Feature: ``up_blocks.1.resnets.1`` (the second resnet of the decoder's second block, present
 in every SD-family UNet and in the bundled model).
+
+**SDXL** (issue 16; the reference has no SDXL version): rule "the second resnet of the first
+decoder block at latent/4", the resolution of the reference's feature (SD: ``up_blocks.1``
+at 16² of 64² latents). SDXL's first up block already runs at latent/4 (32² of 128²: SDXL
+has three levels and no attention-free 8² block), so its feature site is
+``up_blocks.0.resnets.1`` (:data:`FEATURE_SITE_SDXL`, the default ``feature_site=None`` on
+SDXL); the attention rule is unchanged (every decoder self-attention layer but the first:
+35 of SDXL's 36 decoder layers, ``up_blocks.0`` at 32² and ``up_blocks.1`` at 64²).
 """
 
 from __future__ import annotations
@@ -51,10 +59,18 @@ from jattn.policy.core import Layout, Policy, Select, resolve
 from jattn.policy.features import FeatureInject
 from jattn.policy.ops import MemberSource, member_table
 
-__all__ = ["REFERENCE_NEGATIVE", "pnp_sites", "pnp_policy", "pnp", "PnPOutput"]
+__all__ = ["REFERENCE_NEGATIVE", "pnp_sites", "pnp_policy", "pnp", "PnPOutput",
+           "default_feature_site", "FEATURE_SITE", "FEATURE_SITE_SDXL"]
 
 REFERENCE_NEGATIVE = "ugly, blurry, black, low res, unrealistic"  # config_pnp.yaml
 FEATURE_SITE = "up_blocks.1.resnets.1"
+FEATURE_SITE_SDXL = "up_blocks.0.resnets.1"  # SDXL: first up block = latent/4 (docstring)
+
+
+def default_feature_site(pipe) -> str:
+    """The default ``feature_site`` of the model family: :data:`FEATURE_SITE` on SD1/SD2,
+    :data:`FEATURE_SITE_SDXL` on SDXL."""
+    return FEATURE_SITE_SDXL if getattr(pipe, "is_sdxl", False) else FEATURE_SITE
 
 
 def _fraction(value, name: str, ref: float) -> float:
@@ -86,7 +102,7 @@ def pnp_policy(
     num_inference_steps: int,
     attn_fraction: float = 0.5,
     feature_fraction: float = 0.8,
-    feature_site: str = FEATURE_SITE,
+    feature_site: str | None = None,
     cfg: bool = True,
     groups: int = 1,
     height: int | None = None,
@@ -98,7 +114,8 @@ def pnp_policy(
       members: M >= 2.
       num_inference_steps: n; Q, K are injected at steps ``[0, int(n·attn_fraction))``,
         the residual feature at ``[0, int(n·feature_fraction))``.
-      feature_site: the resnet whose residual branch is injected.
+      feature_site: the resnet whose residual branch is injected (None: the family's
+        default, :func:`default_feature_site`).
       cfg: the layout's CFG flag.
       groups: G independent edits in one batch (rows group-major: G × M prompts).
     Returns:
@@ -113,11 +130,16 @@ def pnp_policy(
     n = checks.whole_number(num_inference_steps, "num_inference_steps", minimum=1)
     fa = _fraction(attn_fraction, "attn_fraction", 0.5)
     ff = _fraction(feature_fraction, "feature_fraction", 0.8)
+    feature_site = default_feature_site(pipe) if feature_site is None else feature_site
     sites = pipe.sites(height, width, features=True)
     att, feat = pnp_sites(sites, feature_site)
     if not any(s.path == feat for s in sites):
+        ups = sorted({".".join(s.path.split(".")[:2]) for s in sites
+                      if getattr(s, "block", "") == "up"})
         raise ValueError(f"feature_site={feature_site!r}: this UNet has no resnet residual site "
-                         f"{feat!r}; list them with `jattn sites --features`")
+                         f"{feat!r} (its up blocks: {', '.join(ups)}); leave feature_site at "
+                         f"its default ({default_feature_site(pipe)!r} for this model) or "
+                         "list the sites with `jattn sites --features`")
     src = {i: 0 for i in range(1, m)}
     qk = jnp.asarray(member_table(n, m, src, window=(0.0, fa)))
     ft = jnp.asarray(member_table(n, m, src, window=(0.0, ff)))
@@ -157,7 +179,7 @@ def pnp(
     attn_fraction: float = 0.5,
     feature_fraction: float = 0.8,
     negative_prompt: str = REFERENCE_NEGATIVE,
-    feature_site: str = FEATURE_SITE,
+    feature_site: str | None = None,
     height: int | None = None,
     width: int | None = None,
 ) -> PnPOutput:
@@ -209,7 +231,8 @@ def pnp(
                         guidance_scale=guidance_scale, scheduler="ddim", seed=[seed] * m,
                         latents=latents, policy=policy, hooks=hooks, height=height,
                         width=width)
-    att, feat = pnp_sites(pipe.sites(height, width), feature_site)
+    att, feat = pnp_sites(pipe.sites(height, width),
+                          default_feature_site(pipe) if feature_site is None else feature_site)
     settings = dict(attention_sites=[s.path for s in att], feature_site=feat,
                     qk_steps=[0, int(float(attn_fraction) * n)],
                     feature_steps=[0, int(float(feature_fraction) * n)],

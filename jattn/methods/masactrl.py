@@ -73,6 +73,19 @@ __all__ = ["VARIANTS", "masactrl_sites", "masactrl_policy", "masactrl", "MasaCtr
 
 VARIANTS = ("plain", "union", "mask", "auto-mask")
 START_STEP = 4 / 50      # the reference's step 4 of 50
+# SDXL: the reference's MutualSelfAttentionControl(model_type="SDXL") counts 70 blocks and
+# starts at 44 (start_layer=None on SDXL takes this fraction of the self-attention layers:
+# SDXL base up_blocks.0.attentions.0.transformer_blocks.4 on, i.e. 26 of its 36 decoder
+# layers at 32² and 64²)
+SDXL_START_LAYER = 44 / 70
+
+
+def _start_layer(pipe, start_layer):
+    """``start_layer`` None on SDXL -> :data:`SDXL_START_LAYER` (the reference's SDXL
+    setting); SD1/SD2 keep None (the two largest decoder resolutions)."""
+    if start_layer is None and getattr(pipe, "is_sdxl", False):
+        return SDXL_START_LAYER
+    return start_layer
 START_LAYER = 10 / 16    # the reference's transformer block 10 of 16 (SD1/SD2) as a fraction
 
 
@@ -157,9 +170,10 @@ def masactrl_policy(
       num_inference_steps: n.
       start_step: fraction of the steps (float in [0, 1]; steps ``>= int(f·n)``) or a step
         index (int).
-      start_layer: None (decoder self-attention at its two largest resolutions), a
-        fraction of the self-attention layers in call order, or the reference's block index
-        (int); see the module docstring.
+      start_layer: None (decoder self-attention at its two largest resolutions; on SDXL
+        :data:`SDXL_START_LAYER` = 44/70, the reference's SDXL setting), a fraction of the
+        self-attention layers in call order, or the reference's block index (int); see the
+        module docstring.
       variant: one of :data:`VARIANTS`.
       masks: ``"mask"``: float ``(M, h, w)`` or ``(G, M, h, w)`` in [0, 1], member 0 the
         source's, any grid.
@@ -188,7 +202,7 @@ def masactrl_policy(
     else:
         window = (_fraction(start_step, "start_step"), 1.0)
     sites = pipe.sites(height, width)
-    chosen = masactrl_sites(sites, start_layer)
+    chosen = masactrl_sites(sites, _start_layer(pipe, start_layer))
     sel = Select(path=_exact(s.path for s in chosen), kind="self")
     layout = Layout(groups=checks.whole_number(groups, "groups", minimum=1), members=m, cfg=cfg)
     table = member_table(n, m, {i: 0 for i in range(1, m)}, window=window)
@@ -367,7 +381,7 @@ def masactrl(
         used = masks
     elif variant == "auto-mask":
         used = np.asarray(out.aux[0]["mask"])[0]
-    chosen = masactrl_sites(pipe.sites(height, width), start_layer)
+    chosen = masactrl_sites(pipe.sites(height, width), _start_layer(pipe, start_layer))
     first = (int(start_step) if isinstance(start_step, (int, np.integer))
              else int(float(start_step) * n))
     settings = dict(variant=variant, sites=[s.path for s in chosen], first_step=first,

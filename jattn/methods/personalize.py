@@ -327,11 +327,19 @@ def personalize(pipe, subject_images, prompts: str | Sequence[str], seeds: int |
     Raises:
       FileNotFoundError: weights missing (says how to train or pass ``weights``), a subject
         image path missing.
+      ValueError: an SDXL pipeline (no SDXL Nested Attention weights exist yet).
       ValueError: a prompt without ``s*``; k > 1 ``s*`` with another number of subject
         images; an unreadable or wrong-size subject image; weights for another model.
     """
     from jattn.io.checks import prompt_list, seed_list
 
+    if getattr(pipe, "is_sdxl", False):  # issue 16: no SDXL encoder weights yet
+        raise ValueError(
+            f"personalize: {pipe.source} is an SDXL model; Nested Attention's encoder and "
+            "placeholder embedding are trained for one CLIP text encoder and the SD1-family "
+            "UNet (jattn.train.personalize), and no SDXL weights (two text encoders, "
+            "2048-wide context) exist yet. Fix: use an SD1/SD2 model (e.g. the bundled one), "
+            "or train weights for this SDXL model first.")
     prompts = prompt_list(prompts, "prompts")
     w = load_weights(weights)
     cfg = w.config

@@ -10,9 +10,10 @@ One edit is one group ``[source, target_1, …]`` (``Layout(1, M, cfg)``), every
 from the same initial noise (the reference expands one start code). In the chosen
 self-attention layers, from the chosen step on, each target's queries attend to the
 source's keys and values, per CFG half (``ku[:num_heads]``); the source runs plain
-attention and is bit-identical to its plain generation (plain variant; the other variants
-compute the source on the materialised-probability or concatenated path: equal up to
-float rounding).
+attention and is bit-identical to its plain generation of the same batch (every variant:
+where the site runs on materialised probabilities or concatenated keys, the source's rows
+take the fused plain attention, ``SharedAttention.edit_output``; ``"auto-mask"`` only up to
+rounding: recording the cross maps materialises every row's cross-attention).
 
 **Sites and steps for any UNet.** The reference counts every attention call in forward
 order (``cur_att_layer``; ``// 2`` = the transformer block: SD1/SD2 down 0–5, mid 6,

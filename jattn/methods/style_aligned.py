@@ -32,8 +32,12 @@ SD1/SD2 and the SDXL notebooks' False on SDXL (``pipe.is_sdxl``).
 Transfer notebook: shift log 2, generation CFG 10, inversion CFG 2, offset 5.
 
 Reference differences: the reference runs member 0 through the shared path too (AdaIN toward
-itself, attending to ``[own; own]`` shifted), equal to its plain attention up to rounding;
-here member 0's slot is off (the same up to rounding: see :mod:`jattn.policy.shared`).
+itself, attending to ``[own; own]`` shifted, GroupNorm over ``[own; own]``), equal to its
+plain generation up to rounding; here member 0's slot is off and its rows take the plain
+computation itself (fused attention, own GroupNorm statistics: see :mod:`jattn.policy.shared`,
+:class:`jattn.policy.features.SharedGroupNorm`), so member 0 is bit-identical to plain
+generation of the same batch (``scripts/bench_edit.py`` prints it; the tests' ``-O0``
+builds round one GroupNorm differently).
 ``window`` (a step window of the sharing) is an extension (the reference shares at every
 step). Several groups run in one batch, each with its own member 0.
 
@@ -257,8 +261,9 @@ def style_aligned(pipe, prompts: Sequence[str] | Sequence[Sequence[str]], *, see
       prompts: one group ``[reference, p1, …]`` or G groups of equal length (one batch).
         With ``reference_image`` the prompts are the members after the reference (≥ 1).
       seed: int (image i of the batch uses seed + i, as ``pipe.generate``) or one per image.
-        Member 0 with ``seed`` s is the image ``pipe.generate(prompts[0], seed=s)`` gives
-        (up to float rounding of the shared path).
+        Member 0 with ``seed`` s is bit for bit the image plain generation of the same
+        batch gives (``share=False``; ``pipe.generate(prompts[0], seed=s)`` alone: up to
+        the rounding of another batch size).
       num_inference_steps, guidance_scale: DDIM steps (the notebooks: 50) and CFG (SD1: 7.5;
         transfer: 10).
       reference_image: uint8 ``(H, W, 3)`` (or PIL), or one per group: member 0 follows its

@@ -532,6 +532,10 @@ class Pipeline:
             target_size if negative_target_size is None else negative_target_size,
             prefix="negative_")
         if prompt_embeds is not None:
+            if prompt_2 is not None:
+                raise ValueError("prompt_2: given with prompt_embeds, which already hold "
+                                 "text_encoder_2's part; give prompt + prompt_2, or "
+                                 "prompt_embeds alone.")
             text = _sdxl_embeds(prompt_embeds, "prompt_embeds", b)
         else:
             text = self.encode_prompts(prompts, "prompt", prompts_2=_maybe_list(prompt_2),
@@ -545,6 +549,9 @@ class Pipeline:
             per = {"time_ids": jnp.broadcast_to(neg_tid, (n,) + neg_tid.shape), **per}
             return cond, cond, per
         if uncond_embeds is not None:
+            if negative_prompt_2 is not None:
+                raise ValueError("negative_prompt_2: given with uncond_embeds, which already "
+                                 "hold text_encoder_2's part; give one or the other.")
             return cond, {"time_ids": neg_tid, **_sdxl_embeds(uncond_embeds, "uncond_embeds",
                                                               b)}, None
         if (negative_prompt is None and negative_prompt_2 is None

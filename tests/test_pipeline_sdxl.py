@@ -207,6 +207,28 @@ def test_encode_prompts_is_the_text_part_of_the_conditioning(jpipe, ref_pipe):
     np.testing.assert_array_equal(a.latents, b.latents)
 
 
+@pytest.mark.slow
+def test_sdxl_uncond_per_step_pytree(jpipe):
+    """uncond_per_step on SDXL (null-text inversion's per-step negatives): the text
+    conditioning dict with a step axis; the same negatives at every step give the result
+    of uncond_embeds, and a change at one step changes it. Breaks if the sampler indexed
+    only one leaf per step or the negative time ids were dropped. (A new sampler trace:
+    slow.)"""
+    import jax.numpy as jnp
+
+    text = jpipe.encode_prompts(PROMPTS)
+    un = jpipe.encode_prompts(["blurry", "noise"])
+    kw = dict(num_inference_steps=STEPS, guidance_scale=GS, seed=4, prompt_embeds=text,
+              original_size=(40, 24), negative_original_size=(8, 8))
+    ref = jpipe.generate(None, uncond_embeds=un, **kw)
+    per = {k: jnp.broadcast_to(v, (STEPS,) + v.shape) for k, v in un.items()}
+    got = jpipe.generate(None, uncond_per_step=per, **kw)
+    np.testing.assert_allclose(got.latents, ref.latents, atol=1e-5)
+    per2 = dict(per, text_embeds=per["text_embeds"].at[2].set(0.0))
+    other = jpipe.generate(None, uncond_per_step=per2, **kw)
+    assert np.abs(other.latents - got.latents).max() > 1e-4
+
+
 # ------------------------------------------------------------------ batch, recompilation
 @pytest.mark.slow
 def test_sdxl_batch_equals_single(jpipe):
@@ -248,6 +270,9 @@ def test_sdxl_no_recompile_on_new_prompts_and_micro_conditioning(jpipe):
     (dict(negative_target_size=(0, 16)), "negative_target_size\\[0\\]=0: must be ≥ 1"),
     (dict(prompt_embeds=np.zeros((2, 77, 64), np.float32)),
      "prompt_embeds: on SDXL give the dict of Pipeline.encode_prompts"),
+    (dict(prompt_embeds={"context": np.zeros((2, 77, 64), np.float32),
+                         "text_embeds": np.zeros((2, 16), np.float32)}, prompt_2="x"),
+     "prompt_2: given with prompt_embeds"),
 ])
 def test_sdxl_bad_input(jpipe, kw, match):
     """One ValueError naming the argument and the fix, before any compute."""

@@ -130,7 +130,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = 
             "unet/config.json, unet/diffusion_pytorch_model.safetensors, vae/config.json, "
             "vae/diffusion_pytorch_model.safetensors, text_encoder/config.json, "
             "text_encoder/model.safetensors, tokenizer/vocab.json, tokenizer/merges.txt, "
-            "scheduler/scheduler_config.json. Fix: go online, or download the checkpoint "
+            "scheduler/scheduler_config.json (SDXL also text_encoder_2/config.json, "
+            "text_encoder_2/model.safetensors, tokenizer_2/vocab.json, tokenizer_2/merges.txt)"
+            ". Fix: go online, or download the checkpoint "
             "elsewhere and pass its local folder.") from e
     return Path(local)
 

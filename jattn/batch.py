@@ -538,9 +538,12 @@ def _micro_inputs(pipe, res: dict, micro: list[Request]) -> dict:
     m = micro[0].members
     prompts = [p for r in micro for p in r.prompts()]
     negs = [r.negative_prompt for r in micro for _ in range(m)]
-    cond = np.asarray(pipe.encode_prompts(prompts))
-    uncond = np.asarray(pipe.encode_prompts(negs, name="negative_prompt")) \
-        if res["guidance_scale"] > 1.0 else cond
+    if getattr(pipe, "is_sdxl", False):
+        cond, uncond = _sdxl_text(pipe, prompts, negs, res)
+    else:
+        cond = np.asarray(pipe.encode_prompts(prompts))
+        uncond = np.asarray(pipe.encode_prompts(negs, name="negative_prompt")) \
+            if res["guidance_scale"] > 1.0 else cond
     out = dict(cond=cond, uncond=uncond)
     if micro[0].method == "p2p":
         import jax
@@ -571,6 +574,30 @@ def _micro_inputs(pipe, res: dict, micro: list[Request]) -> dict:
     out["keys"] = np.asarray(jax.random.key_data(
         sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))))
     return out
+
+
+def _sdxl_text(pipe, prompts: list[str], negs: list[str], res: dict):
+    """SDXL conditioning of one micro-batch as numpy pytrees ``{"context", "text_embeds",
+    "time_ids"}`` (what :meth:`jattn.pipeline.Pipeline.generate` builds: default
+    micro-conditioning ``(height, width, 0, 0, height, width)``; a request without a
+    negative prompt gets zero negative conditioning when the checkpoint says
+    ``force_zeros_for_empty_prompt``, as diffusers' ``negative_prompt=None``)."""
+    import jax
+
+    b = len(prompts)
+    do_cfg = res["guidance_scale"] > 1.0
+    tid = np.asarray(pipe.time_ids(b, res["height"], res["width"]))
+    text = pipe.encode_prompts(prompts)
+    cond = {"time_ids": tid, **jax.tree_util.tree_map(np.asarray, text)}
+    if not do_cfg:
+        return cond, cond
+    un = pipe.encode_prompts(negs, name="negative_prompt")
+    un = jax.tree_util.tree_map(np.asarray, un)
+    if pipe.force_zeros_for_empty_prompt:
+        empty = np.asarray([not n for n in negs])
+        un = {k: np.where(empty.reshape((b,) + (1,) * (v.ndim - 1)), 0.0, v).astype(v.dtype)
+              for k, v in un.items()}
+    return cond, {"time_ids": tid, **un}
 
 
 def _call_arrays(pipe, res: dict, rows: list[Request], micro_batch: int) -> dict:

@@ -324,3 +324,29 @@ def test_new_prompts_and_seeds_reuse_the_compiled_program(tiny_sd_dir, tmp_path)
         res = run_job(str(path), s, pipe=pipe, log_stream=io.StringIO())
         assert res.requests_run == len(rows)
         assert pipe.trace_counts["sample"] == 1, pipe.trace_counts
+
+
+@pytest.mark.slow
+def test_sdxl_job_matches_generate(tiny_sdxl_dir, tmp_path):
+    """An SDXL checkpoint runs as a batch job: each request's image equals
+    ``Pipeline.generate`` of the same prompt and seed (±1 uint8: another compiled program)
+    — with micro-conditioning time ids, a negative prompt, and zero negative conditioning
+    for a request without one (``force_zeros_for_empty_prompt``). Breaks if the job feeds
+    SDXL's UNet without its added conditioning or drops the zeroed negatives."""
+    import jattn
+    from jattn.batch import BatchSettings, run_job
+
+    pipe = jattn.load(tiny_sdxl_dir)
+    rows = [{"id": "a", "prompt": "a red circle", "seed": 3},
+            {"id": "b", "prompt": "a blue square", "seed": 4, "negative_prompt": "green"}]
+    path = _write_job(tmp_path / "job.jsonl", rows)
+    s = BatchSettings(out_dir=str(tmp_path / "out"), batch_size=2, micro_batch=2,
+                      shard_size=2, steps=2, progress=False)
+    res = run_job(str(path), s, pipe=pipe, log_stream=io.StringIO())
+    assert res.requests_run == 2
+    got = {m["id"]: img for img, m in _outputs(tmp_path / "out").values()}
+    for r in rows:
+        ref = pipe.generate(r["prompt"], r.get("negative_prompt"), seed=r["seed"],
+                            num_inference_steps=2).images[0]
+        diff = np.abs(got[r["id"]].astype(int) - np.asarray(ref).astype(int))
+        assert diff.max() <= 1, (r["id"], diff.max())

@@ -3,7 +3,8 @@
 
   jattn excite --prompt TEXT --excite PHRASE [--excite PHRASE …] [--prompt …] [--seed N]
       [--steps N] [--guidance-scale S] [--scale-factor 20] [--attn-res R]
-      [--token-span prompt|diffusers] --out-dir DIR
+      [--token-span prompt|diffusers] [--prompt-2 TEXT …] [SDXL micro-conditioning]
+      --out-dir DIR
 
 Every ``--excite`` phrase applies to every ``--prompt`` (each must occur in each prompt).
 Writes ``000.png …`` (one per prompt, in order), ``grid.png`` and ``result.json``.
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import time
 
-from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args, arguments,
-                                   float_type, int_type, load_pipeline, need_values,
-                                   renamed_errors, seeds_for, write_outputs)
+from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args,
+                                   add_sdxl_args, arguments, float_type, int_type,
+                                   load_pipeline, need_values, renamed_errors, sdxl_kwargs,
+                                   seeds_for, write_outputs)
 
 
 def cmd_excite(args) -> int:
@@ -28,6 +30,7 @@ def cmd_excite(args) -> int:
     out = OutputDir(args.out_dir, overwrite=args.overwrite)
     out.reserve(*OutputDir.image_names(len(prompts)), "grid.png")
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, len(prompts))  # SDXL: --prompt-2, micro-conditioning
     excite = [phrases for _ in prompts]
     t0 = time.perf_counter()
     # built once: checks every phrase/argument before any compute, then runs
@@ -36,7 +39,7 @@ def cmd_excite(args) -> int:
                             scale_factor=args.scale_factor, attn_res=args.attn_res,
                             token_span=args.token_span)
     res = pipe.generate(prompts, num_inference_steps=args.steps,
-                        guidance_scale=args.guidance_scale, seed=seeds, guidance=g)
+                        guidance_scale=args.guidance_scale, seed=seeds, guidance=g, **xl)
     seconds = time.perf_counter() - t0
     write_outputs(out, res.images, prompts, dict(
         command="excite", arguments=arguments(args), seeds=seeds, prompts=prompts,
@@ -60,4 +63,5 @@ def register(sub, edit_sub) -> None:
                    help="softmax over the prompt's tokens [1, EOS) (reference) or [1, 76) "
                         "(diffusers' port)")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_excite)

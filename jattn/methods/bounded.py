@@ -98,22 +98,53 @@ def _is_function_word(w: str) -> bool:
     return n in FUNCTION_WORDS or n.replace(".", "").isdigit()
 
 
-def _box_sites(sites):
-    """``(loss sites, record sites)``: mid block + first up block with attention (both
-    kinds); the first up block with attention (the reference's layers 12–19 and 14–19 of
-    SD's 32 attention calls)."""
+# SDXL (reference run_xl.py): loss and mask layers = attention calls [70, 82) of SDXL base's
+# 140, i.e. transformer blocks 1–6 of up_blocks.0.attentions.0 (self and cross); step sizes
+# 18 -> 5 instead of SD's 8 -> 2.
+SDXL_BLOCKS = (1, 7)
+SDXL_STEP_SIZES = (18.0, 5.0)
+SD_STEP_SIZES = (8.0, 2.0)
+
+
+def _box_sites(sites, sdxl: bool = False):
+    """``(loss sites, record sites)``: SD1/SD2: mid block + first up block with attention
+    (both kinds); the first up block with attention (the reference's layers 12–19 and
+    14–19 of SD's 32 attention calls). SDXL (``sdxl=True``): both are transformer blocks
+    ``[1, 7)`` (:data:`SDXL_BLOCKS`; those the model has, block 0 if it has only one) of the
+    first attention module of the first up block with attention — on SDXL base
+    ``up_blocks.0.attentions.0.transformer_blocks.1–6``, the reference's calls 70–81
+    (``run_xl.py``: ``list(range(70, 82))`` for the loss, the masks default to them)."""
     mid, first_up = mid_and_first_up(sites)
-    return mid + first_up, first_up
+    if not sdxl:
+        return mid + first_up, first_up
+    if not first_up:
+        return [], []
+    module = ".".join(first_up[0].path.split(".")[:4])  # up_blocks.i.attentions.0
+    first = [s for s in first_up if s.path.startswith(module + ".")]
+
+    def block(s):
+        parts = s.path.split(".")
+        return int(parts[5]) if len(parts) > 5 and parts[5].isdigit() else 0
+
+    picked = [s for s in first if SDXL_BLOCKS[0] <= block(s) < SDXL_BLOCKS[1]]
+    picked = picked or [s for s in first if block(s) == 0]
+    return picked, picked
 
 
-def loss_sites(sites):
-    """Sites of the guidance loss: mid block + the first up block with attention."""
-    return _box_sites(sites)[0]
+def loss_sites(sites, sdxl: bool = False):
+    """Sites of the guidance loss: mid block + the first up block with attention (SDXL:
+    see :func:`_box_sites`)."""
+    return _box_sites(sites, sdxl)[0]
 
 
-def record_sites(sites):
-    """Sites whose maps the mask refinement averages: the first up block with attention."""
-    return _box_sites(sites)[1]
+def record_sites(sites, sdxl: bool = False):
+    """Sites whose maps the mask refinement averages: the first up block with attention
+    (SDXL: see :func:`_box_sites`)."""
+    return _box_sites(sites, sdxl)[1]
+
+
+def _is_sdxl(pipe) -> bool:
+    return bool(getattr(pipe, "is_sdxl", False))
 
 
 def _occurrences(prompt: str, phrase: str) -> int:
@@ -245,7 +276,7 @@ def bounded_policy(pipe, prompts: Sequence[str], phrases, boxes, *,
     if not inp["subjects"].any():
         return None
     sites = _policy_sites(pipe, height, width)
-    rec = record_sites(sites)
+    rec = record_sites(sites, _is_sdxl(pipe))
     if not rec:
         raise ValueError("bounded_policy: this model has no up block with attention to "
                          "refine the masks from")
@@ -349,8 +380,8 @@ def _loss_fn(acc, step, args: _LossArgs):
 
 
 def bounded_guidance(pipe, prompts: Sequence[str], phrases, boxes, *,
-                     num_inference_steps: int = 50, init_step_size: float = 8.0,
-                     final_step_size: float = 2.0, num_guidance_steps: int = 15,
+                     num_inference_steps: int = 50, init_step_size: float | None = None,
+                     final_step_size: float | None = None, num_guidance_steps: int = 15,
                      num_gd_iterations: int = 5, loss_threshold: float = 0.2,
                      cross_loss_scale: float = 1.5, self_loss_scale: float = 0.5,
                      height: int | None = None, width: int | None = None,
@@ -362,16 +393,21 @@ def bounded_guidance(pipe, prompts: Sequence[str], phrases, boxes, *,
     Runs in the sampler's guidance hook: per guided step a bounded ``while_loop`` of at
     most ``num_gd_iterations`` gradient steps while the sample's ``loss / N`` is above
     ``loss_threshold`` (``reference_quirks``: the batch's ``Σ loss / (B·N)``).
+    ``init_step_size`` / ``final_step_size`` default to the reference's: 8 → 2 on SD1/SD2
+    (``run_sd.py``), 18 → 5 on SDXL (``run_xl.py``).
     """
     height, width = pipe.check_size(height, width, len(prompts))
     inp = inputs if inputs is not None else bounded_inputs(pipe.tokenizer, prompts, phrases,
                                                            boxes, height, width)
     n = int(num_inference_steps)
+    defaults = SDXL_STEP_SIZES if _is_sdxl(pipe) else SD_STEP_SIZES
+    init_step_size = defaults[0] if init_step_size is None else init_step_size
+    final_step_size = defaults[1] if final_step_size is None else final_step_size
     steps = step_sizes(n, init_step_size, final_step_size, num_guidance_steps)
     if not inp["subjects"].any() or not steps.any():
         return None
     sites = _policy_sites(pipe, height, width)
-    ls = loss_sites(sites)
+    ls = loss_sites(sites, _is_sdxl(pipe))
     if not ls:
         raise ValueError("bounded_guidance: this model has no mid/up attention sites")
     b = len(prompts)

@@ -23,7 +23,9 @@ tokens ``[1, EOS)`` (``"prompt"``, default); diffusers' port over ``[1, 76)`` of
 ``exp(−((x − μ)/(2σ))²)`` (a factor 2 inside the square where the textbook has it outside),
 normalised; jattn reproduces that kernel. ``attn_res`` default: diffusers' rule
 ``ceil(width/32)`` (16 at 512 px, i.e. latent/4); the bundled model (128 px) then uses its
-4² mid-block maps.
+4² mid-block maps; SDXL at 1024 px 32², latent/4 again (down_blocks.2, mid and up_blocks.0,
+SDXL having no 16² attention). On SDXL the context is both encoders' states and the token
+indices are those of ``prompt`` (module :mod:`jattn.methods.p2p`'s note).
 """
 
 from __future__ import annotations

@@ -9,12 +9,22 @@ local blend on the cross-attention layers at latent/4 resolution, threshold 0.3.
 
 One edit is one group ``[source, target_1, …]`` of the batch; every member starts from the
 same initial latents (or the inverted latents of a real image).
+
+SDXL (issue 16; the reference is SD1.4 only): the same rules by latent fraction — self
+replacement at ``(latent/4)²`` tokens and coarser (``self_max_tokens=None``; 32² at 1024 px:
+down_blocks.2, mid, up_blocks.0), local blend at the smallest cross resolution ``>=
+max(latent/4, 8)`` (32²). Token positions are those of ``prompt`` in ``tokenizer`` (the
+same CLIP BPE as ``tokenizer_2``, so both encoders' halves of the context share them as
+long as ``prompt_2`` is left at its default, the prompt itself). Null-text inversion on
+SDXL: :mod:`jattn.sampling.inversion` (the context is optimised; pooled embedding and time
+ids fixed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -79,7 +89,7 @@ def p2p_policy(
     start_blend: float = 0.0,
     blend_threshold: float = 0.3,
     blend_resolution: int | None = None,
-    self_max_tokens: int = 16 ** 2,
+    self_max_tokens: int | None = None,
     capture: bool = False,
     capture_resolutions: Sequence[int] | None = None,
     height: int | None = None,
@@ -107,9 +117,12 @@ def p2p_policy(
       blend_words: words whose attention defines the local-blend mask (each member uses
         those it contains); ``subtract_words``: words removed from the mask.
       start_blend: fraction of steps before blending starts (null-text notebook 0.2).
-      self_max_tokens: self replacement only where key tokens ≤ this (default 16² = 256,
-        the reference's constant in ``prompt-to-prompt_stable.ipynb``; its null-text
-        notebook uses 32²). It is a token count, not a fraction of the latent: on SD's 64²
+      self_max_tokens: self replacement only where key tokens ≤ this (default None: 16² =
+        256 on SD1/SD2, the reference's constant in ``prompt-to-prompt_stable.ipynb``; its
+        null-text notebook uses 32²; on SDXL ``(latent/4)²``, the reference's rule
+        "latent/4 and coarser" translated: 32² at 1024 px, SDXL's down_blocks.2, mid and
+        up_blocks.0 layers — a fixed 256 would select no SDXL layer, its coarsest attention
+        being 32²). On SD1/SD2 it is a token count, not a fraction of the latent: on SD's 64²
         latents it selects the 16² and 8² layers, on the bundled model's 16² latents every
         self-attention layer.
       capture: also capture head/layer-averaged maps (cross at every resolution; self at
@@ -160,6 +173,9 @@ def p2p_policy(
         raise ValueError("mode='reweight' needs equalize={word: weight}")
     cross = CrossEdit(**kwargs)
     s0, s1 = p2p_text.self_replace_window(num_steps, self_replace_steps)
+    if self_max_tokens is None:  # SD1/SD2: the reference's 16²; SDXL: (latent/4)²
+        self_max_tokens = ((lat_h // 4) * (lat_w // 4) if getattr(pipe, "is_sdxl", False)
+                           else 16 ** 2)
     max_tokens = int(self_max_tokens)
     self_res = tuple(sorted({s.resolution for s in sites if s.kind == "self"
                              and s.query_tokens <= max_tokens}))
@@ -230,7 +246,9 @@ def edit(pipe, source, targets, *, num_inference_steps: int = 50,
     Args:
       latents: float32 ``(G, C, h, w)`` initial latents, one per group, unscaled as
         diffusers' ``latents=``; default: Gaussian noise from ``seed + g`` for group g.
-      uncond_per_step: ``(steps, G or 1, 77, D)`` null-text embeddings (real-image editing).
+      uncond_per_step: ``(steps, G or 1, 77, D)`` null-text embeddings (real-image editing);
+        SDXL: :func:`jattn.sampling.inversion.invert`'s ``{"context", "text_embeds"}`` with
+        those leading axes.
       policy_kwargs: see :func:`p2p_policy`.
     Returns:
       :class:`jattn.pipeline.GenerateOutput` with images ``[source_0, *targets_0, source_1,
@@ -250,12 +268,17 @@ def edit(pipe, source, targets, *, num_inference_steps: int = 50,
                             for i in range(g)]).astype(np.float32)
     latents = np.asarray(latents, np.float32).reshape(g, c, h, w)
     latents = np.repeat(latents, m, axis=0)          # every member of a group: same latents
-    if uncond_per_step is not None:
-        u = jnp.asarray(uncond_per_step)             # (steps, G, S, D) or (steps, 1, S, D)
-        if u.shape[1] not in (1, g):
-            raise ValueError(f"uncond_per_step: {u.shape[1]} rows, expected 1 or {g} groups")
-        u = jnp.broadcast_to(u[:, :, None], (u.shape[0], g, m) + u.shape[2:])
-        uncond_per_step = u.reshape((u.shape[0], g * m) + u.shape[3:])
+    if uncond_per_step is not None:  # (steps, G or 1, S, D); SDXL: a dict of such leaves
+
+        def per_member(u):
+            u = jnp.asarray(u)
+            if u.shape[1] not in (1, g):
+                raise ValueError(f"uncond_per_step: {u.shape[1]} rows, expected 1 or {g} "
+                                 "groups")
+            u = jnp.broadcast_to(u[:, :, None], (u.shape[0], g, m) + u.shape[2:])
+            return u.reshape((u.shape[0], g * m) + u.shape[3:])
+
+        uncond_per_step = jax.tree_util.tree_map(per_member, uncond_per_step)
     return pipe.generate(prompts, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, seed=seed, latents=latents,
                          policy=policy, uncond_per_step=uncond_per_step, height=height,

@@ -170,7 +170,11 @@ def box_masks(boxes_frac: np.ndarray, h: int, w: int) -> np.ndarray:
 def mid_and_first_up(sites):
     """``(mid-block sites, sites of the first up block among ``sites``)``, in site order: the
     attention that layout guidance and Bounded Attention guide on (the references' mid
-    block + first up block with attention, SD's 8² and 16² layers)."""
+    block + first up block with attention, SD's 8² and 16² layers). The rule is by block,
+    not by path: on SDXL (first up block with attention ``up_blocks.0``, no attention-free
+    first decoder block) it gives mid_block + up_blocks.0, SDXL's 32² layers at 1024 px
+    (latent/4, as SD's 16²); Bounded Attention narrows it on SDXL
+    (:func:`jattn.methods.bounded.loss_sites`)."""
     up = []
     for s in sites:
         if s.block == "up":

@@ -190,8 +190,11 @@ def ddpm_invert(pipe, images_uint8, prompts: str | list[str], *,
         raise ValueError(f"skip={skip!r}: must be an int in [0, {n})")
     do_cfg = guidance_scale > 1.0
     z0 = pipe.encode_images(images)
-    cond = pipe.encode_prompts(prompts)
-    uncond = pipe.encode_prompts([""] * b) if do_cfg else cond  # placeholder without CFG
+    from jattn.sampling.inversion import conditioning  # SDXL: + the image's time_ids
+
+    hw = tuple(np.shape(images)[1:3])
+    cond = conditioning(pipe, prompts, *hw)
+    uncond = conditioning(pipe, [""] * b, *hw) if do_cfg else cond  # placeholder w/o CFG
     keys = per_sample_keys(np.asarray(seeds, np.uint32))
     cache_key = ("ddpm_invert", do_cfg, bool(reference_quirks))
     if cache_key not in pipe._cache:
@@ -199,9 +202,10 @@ def ddpm_invert(pipe, images_uint8, prompts: str | list[str], *,
             pipe._count("ddpm_invert")
             fn = pipe.unet_fn(params)
 
-            def one(z, c, u, k):  # one image: add the batch axis of 1
-                x_ts, zs = ddpm_inversion_loop(fn, schedule, z[None], c[None],
-                                               u[None] if do_cfg else None, gs, k,
+            def one(z, c, u, k):  # one image: add the batch axis of 1 (SDXL: each leaf)
+                add = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)  # noqa: E731
+                x_ts, zs = ddpm_inversion_loop(fn, schedule, z[None], add(c),
+                                               add(u) if do_cfg else None, gs, k,
                                                reference_quirks=reference_quirks)
                 return x_ts[:, 0], zs[:, 0]
 

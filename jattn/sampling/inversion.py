@@ -17,6 +17,16 @@ Images using Guided Diffusion Models" (CVPR 2023); reference google/prompt-to-pr
 
 Shapes: latents ``(B, h, w, C)`` NHWC; embeddings ``(B, S, D)``; per-step embeddings
 ``(T, B, S, D)``.
+
+SDXL (issue 16): the conditioning is the pipeline's pytree ``{"context", "text_embeds",
+"time_ids"}`` (:mod:`jattn.pipeline`), with the default micro-conditioning of the image
+size. Null-text inversion optimises the **context** ``(B, 77, D1 + D2)`` of the empty
+prompt only; its pooled ``text_embeds`` and the ``time_ids`` stay fixed (jattn's choice, as
+the usual null-text ports to SDXL, which optimise the unconditional prompt embeddings and
+pass the added conditioning unchanged; the pooled vector enters the UNet only through the
+time embedding, a single vector per image).
+``Inversion.uncond_per_step`` is then ``{"context": (T, B, S, D), "text_embeds":
+(T, B, P)}``, what :meth:`jattn.pipeline.Pipeline.generate` takes as ``uncond_per_step``.
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ class Inversion:
     Attributes:
       latents: float32 ``(T+1, B, h, w, C)`` DDIM-inversion trajectory ``z*_0 … z*_T``.
       uncond_per_step: float32 ``(T, B, S, D)`` optimised null-text embeddings (None for
-        plain DDIM inversion).
+        plain DDIM inversion); SDXL: ``{"context": (T, B, S, D), "text_embeds": (T, B, P)}``
+        (the optimised context, the empty prompt's pooled embedding at every step).
       prompt: the source prompt(s); num_inference_steps, guidance_scale: the settings.
       inner_iterations: int ``(T, B)`` Adam iterations used per step (null-text).
     """
@@ -61,6 +72,28 @@ class Inversion:
     def x_t(self) -> np.ndarray:
         """``z*_T`` as NCHW ``(B, C, h, w)`` (diffusers' ``latents=``; DDIM's init sigma is 1)."""
         return self.latents[-1].transpose(0, 3, 1, 2)
+
+
+def _opt_part(uncond):
+    """The optimised part of the unconditional conditioning: the array itself (SD1/SD2) or
+    the ``"context"`` of SDXL's pytree (text_embeds and time_ids stay fixed)."""
+    return uncond["context"] if isinstance(uncond, dict) else uncond
+
+
+def _with_part(uncond, part):
+    """``uncond`` with its optimised part replaced by ``part``."""
+    return {**uncond, "context": part} if isinstance(uncond, dict) else part
+
+
+def conditioning(pipe, prompts: list[str], height: int, width: int):
+    """The UNet conditioning of ``prompts`` as the sampler sees it: SD1/SD2 the embeddings
+    ``(B, 77, D)``; SDXL :meth:`~jattn.pipeline.Pipeline.encode_prompts`' dict plus the
+    default ``time_ids`` of an ``height × width`` image (original = target size, crop
+    ``(0, 0)``)."""
+    text = pipe.encode_prompts(prompts)
+    if isinstance(text, dict):
+        return {**text, "time_ids": pipe.time_ids(len(prompts), height, width)}
+    return text
 
 
 def ddim_inversion_loop(unet_fn, schedule: sch.Schedule, z0: Array, cond: Array,
@@ -99,9 +132,11 @@ def null_text_loop(unet_fn, schedule: sch.Schedule, latents: Array, cond: Array,
 
     Args:
       latents: ``(T+1, 1, h, w, C)`` from :func:`ddim_inversion_loop`.
-      cond, uncond: ``(1, S, D)`` prompt and initial unconditional ("") embeddings.
+      cond, uncond: ``(1, S, D)`` prompt and initial unconditional ("") embeddings; or
+        SDXL pytrees (``{"context", "text_embeds", "time_ids"}``), of which only
+        ``uncond["context"]`` is optimised.
     Returns:
-      ``(uncond_per_step (T, 1, S, D), iterations (T,))``.
+      ``(uncond_per_step (T, 1, S, D), iterations (T,))`` (SDXL: the optimised context).
     """
     n = schedule.timesteps.shape[0]
     adam = optax.scale_by_adam()  # torch.optim.Adam defaults: b1 .9, b2 .999, eps 1e-8
@@ -118,7 +153,7 @@ def null_text_loop(unet_fn, schedule: sch.Schedule, latents: Array, cond: Array,
         lr = 1e-2 * (1.0 - i / 100.0)
 
         def loss_fn(u_):
-            e_u = eps_of(z, t, u_)
+            e_u = eps_of(z, t, _with_part(uncond, u_))
             e = e_u + guidance_scale * (e_c - e_u)
             prev, _, _ = sch.step(schedule, sch.init_state(schedule, z), e, i, z)
             return jnp.mean((prev - target) ** 2)
@@ -136,12 +171,13 @@ def null_text_loop(unet_fn, schedule: sch.Schedule, latents: Array, cond: Array,
 
         j, u, _, _ = jax.lax.while_loop(cond_fn, body_fn,
                                         (jnp.int32(0), u, adam.init(u), jnp.asarray(False)))
-        e_u = eps_of(z, t, u)
+        e_u = eps_of(z, t, _with_part(uncond, u))
         e = e_u + guidance_scale * (e_c - e_u)
         z, _, _ = sch.step(schedule, sch.init_state(schedule, z), e, i, z)
         return (z, u), (u, j)
 
-    (_, _), (us, iters) = jax.lax.scan(outer, (latents[-1], uncond), jnp.arange(n))
+    (_, _), (us, iters) = jax.lax.scan(outer, (latents[-1], _opt_part(uncond)),
+                                       jnp.arange(n))
     return us, iters
 
 
@@ -181,7 +217,8 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
                          "conditional prediction)")
     schedule = pipe.schedule(num_inference_steps, "ddim", 0.0)
     z0 = pipe.encode_images(images)
-    cond = pipe.encode_prompts(prompts)
+    hw = images.shape[1:3]
+    cond = conditioning(pipe, prompts, *hw)
     cfg = ig != 1.0
     key = ("ddim_invert", num_inference_steps, cfg)
     if key not in pipe._cache:
@@ -190,11 +227,11 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
             return ddim_inversion_loop(pipe.unet_fn(params), schedule, z0, cond, uncond, gs)
 
         pipe._cache[key] = jax.jit(run)
-    un = pipe.encode_prompts([""] * len(prompts)) if cfg else None
+    un = conditioning(pipe, [""] * len(prompts), *hw) if cfg else None
     lats = pipe._cache[key](pipe.params["unet"], schedule, z0, cond, un, jnp.float32(ig))
     if method == "ddim":
         return Inversion(np.asarray(lats), None, prompts, num_inference_steps, guidance_scale)
-    uncond = pipe.encode_prompts([""] * len(prompts))
+    uncond = conditioning(pipe, [""] * len(prompts), *hw)
     key = ("null_text", num_inference_steps, inner_steps, float(epsilon))
     if key not in pipe._cache:
         def run_nt(params, schedule, lats, cond, uncond, gs):
@@ -202,7 +239,8 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
             fn = pipe.unet_fn(params)
 
             def one(l, c, u):  # one image: add the batch axis of 1
-                us, it = null_text_loop(fn, schedule, l[:, None], c[None], u[None], gs,
+                add = lambda tree: jax.tree_util.tree_map(lambda a: a[None], tree)  # noqa: E731
+                us, it = null_text_loop(fn, schedule, l[:, None], add(c), add(u), gs,
                                         inner_steps, epsilon)
                 return us[:, 0], it
 
@@ -212,15 +250,23 @@ def invert(pipe, images: np.ndarray, prompt: str | list[str], *, method: str = "
         pipe._cache[key] = jax.jit(run_nt)
     us, iters = pipe._cache[key](pipe.params["unet"], schedule, lats, cond, uncond,
                                  jnp.float32(guidance_scale))
-    return Inversion(np.asarray(lats), np.asarray(us, np.float32), prompts, num_inference_steps,
+    us = np.asarray(us, np.float32)
+    if isinstance(uncond, dict):  # SDXL: the optimised context + the fixed pooled embedding
+        pooled = np.asarray(uncond["text_embeds"], np.float32)
+        us = {"context": us, "text_embeds": np.broadcast_to(pooled, (us.shape[0],)
+                                                            + pooled.shape).copy()}
+    return Inversion(np.asarray(lats), us, prompts, num_inference_steps,
                      guidance_scale, np.asarray(iters))
 
 
 def save_inversion(inv: Inversion, path) -> None:
     """Write an :class:`Inversion` as ``.npz`` (reusable by ``jattn edit --inversion-file``)."""
+    u = inv.uncond_per_step
+    pooled = u["text_embeds"] if isinstance(u, dict) else np.zeros(0)  # SDXL
+    u = u["context"] if isinstance(u, dict) else u
     np.savez_compressed(
-        path, latents=inv.latents,
-        uncond_per_step=inv.uncond_per_step if inv.uncond_per_step is not None else np.zeros(0),
+        path, latents=inv.latents, uncond_text_embeds=pooled,
+        uncond_per_step=u if u is not None else np.zeros(0),
         prompt=np.asarray(inv.prompt), num_inference_steps=inv.num_inference_steps,
         guidance_scale=inv.guidance_scale,
         inner_iterations=inv.inner_iterations if inv.inner_iterations is not None else np.zeros(0))
@@ -241,7 +287,11 @@ def load_inversion(path) -> Inversion:
         with np.load(path, allow_pickle=False) as d:
             u = d["uncond_per_step"]
             it = d["inner_iterations"]
-            inv = Inversion(np.asarray(d["latents"], np.float32), u if u.size else None,
+            pooled = d["uncond_text_embeds"] if "uncond_text_embeds" in d else np.zeros(0)
+            if u.size and pooled.size:  # SDXL
+                u = {"context": u, "text_embeds": pooled}
+            has_u = isinstance(u, dict) or u.size
+            inv = Inversion(np.asarray(d["latents"], np.float32), u if has_u else None,
                             [str(p) for p in np.atleast_1d(d["prompt"])],
                             int(d["num_inference_steps"]), float(d["guidance_scale"]),
                             it if it.size else None)

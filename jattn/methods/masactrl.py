@@ -212,7 +212,8 @@ def masactrl_policy(
         return resolve([(sel, MemberSource(k_from=t, v_from=t))], sites, layout=layout)
     if variant == "union":
         st = shared_table(n, m, "first", window=window)
-        return resolve([(sel, SharedAttention(jnp.asarray(st), own=True))], sites,
+        return resolve([(sel, SharedAttention(jnp.asarray(st), own=True, plain_members=(0,)))],
+                       sites,
                        layout=layout)
     if variant == "mask":
         if masks is None:
@@ -223,7 +224,7 @@ def masactrl_policy(
             raise ValueError(f"masks of shape {mk.shape}: expected (M, h, w) = ({m}, h, w) or "
                              "(G, M, h, w)")
         op = SharedAttention(jnp.asarray(table), mask=GivenMask(jnp.asarray(mk)), own=False,
-                             match_query=True)
+                             match_query=True, plain_members=(0,))
         return resolve([(sel, op)], sites, layout=layout)
     if token_weights is None:
         raise ValueError("variant='auto-mask' needs the subject token (token=WORD)")
@@ -231,7 +232,7 @@ def masactrl_policy(
     w = np.asarray(token_weights, np.float32)
     rec = CrossMapMask(jnp.asarray(w), jnp.float32(threshold), resolution=res)
     op = SharedAttention(jnp.asarray(table), mask=AuxMask(op_index=0, key="mask"), own=False,
-                         match_query=True)
+                         match_query=True, plain_members=(0,))
     return resolve([(Select(kind="cross", resolutions=(res,)), rec), (sel, op)], sites,
                    layout=layout)
 

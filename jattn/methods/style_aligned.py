@@ -188,7 +188,7 @@ def style_aligned_policy(pipe, members: int, num_steps: int, *, groups: int = 1,
                 sources=jnp.asarray(shared_table(n, m, "first", window=window)),
                 k_scale=jnp.float32(shared_score_scale),
                 shift=None if float(shared_score_shift) == 0.0
-                else jnp.float32(shared_score_shift))
+                else jnp.float32(shared_score_shift), plain_members=(0,))
             ops = ((adain, share) if (adain_queries or adain_keys or adain_values)
                    else (share,))
         paths = "|".join(re.escape(s.path) for s in shared)

@@ -35,8 +35,9 @@ on its off slots on the bias path (rounded differently from the fused kernel), s
 :meth:`SharedAttention.edit_output` replaces those rows by plain attention over their own
 keys and values, computed by the fused call of no policy and selected with ``jnp.where``:
 bit-identical to no policy (at the same batch), at the cost of one plain attention of the
-site (measured in ``scripts/bench_edit.py``). AdaIN leaves rows without a source
-bit-identical.
+site's rows, or of the source's rows only (``plain_members=(0,)``, as StyleAligned and
+MasaCtrl use; cost in ``configs/style_aligned_world.py``). AdaIN leaves rows without a
+source bit-identical.
 """
 
 from __future__ import annotations
@@ -387,6 +388,11 @@ class SharedAttention(Op):
         mask. Needed (own=True) when a row can have some slots on and some off (e.g.
         anchors that are members) and no mask/shift is given: on the fused path an off slot
         holds the row's own keys again, which is exact only when all its slots are off.
+      plain_members: static; the members whose rows get plain attention when all their
+        slots are off (:meth:`edit_output`), a tuple of member indices (e.g. ``(0,)``, the
+        source: only its rows are recomputed, 1/M of the cost) or None (every member: also
+        exact outside the window). Other members' off rows keep the shared path's result
+        (plain attention up to rounding).
     Raises:
       PolicyError: bad halves, own=False with several slots, dropout without mask/keys, a
         concrete table with mixed on/off rows on the fused path, tables not matching M.
@@ -402,6 +408,7 @@ class SharedAttention(Op):
     match_query: bool = struct.field(pytree_node=False, default=False)
     halves: str = struct.field(pytree_node=False, default="both")
     exclude_off: bool = struct.field(pytree_node=False, default=False)
+    plain_members: tuple | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         if self.halves not in HALVES:
@@ -479,12 +486,19 @@ class SharedAttention(Op):
         """Rows whose slots are all off (the source member, every row outside the window)
         get plain attention over their own keys and values, computed by the same fused call
         as no policy (:func:`jattn.models.attention.default_attention`) and selected with
-        ``jnp.where``: bit-identical to no policy, whatever path the shared rows took."""
+        ``jnp.where``: bit-identical to no policy, whatever path the shared rows took. Only
+        the rows of ``plain_members`` (static) are recomputed when it is given."""
         rows = self._rows(ctx)
         off = ~jnp.any(self._on(ctx, rows), axis=-1)                   # (B,)
         s = k.shape[1] // (rows.shape[1] + (1 if self.own else 0))
-        plain = default_attention(q, k[:, :s], v[:, :s], upcast=ctx.upcast)
-        return jnp.where(off[:, None, None, None], plain, out)
+        if self.plain_members is None:
+            plain = default_attention(q, k[:, :s], v[:, :s], upcast=ctx.upcast)
+            return jnp.where(off[:, None, None, None], plain, out)
+        lay = ctx.layout
+        idx = np.arange(lay.rows).reshape(lay.halves, lay.groups, lay.members)
+        idx = idx[:, :, list(self.plain_members)].reshape(-1)         # static rows
+        plain = default_attention(q[idx], k[idx, :s], v[idx, :s], upcast=ctx.upcast)
+        return out.at[idx].set(jnp.where(off[idx, None, None, None], plain, out[idx]))
 
     def source_mask(self, ctx: SiteContext, rows: Array) -> Array | None:
         """bool ``(B, Tq, A, S)``: the source tokens each row (and, with ``match_query``,

@@ -201,8 +201,9 @@ def test_reference_member_is_bit_identical(pipe, bundled):
 
 @pytest.mark.slow
 def test_group_norm_sharing_alone(pipe, runs):
-    """GroupNorm sharing alone (no attention shared): member 0 plain, the others changed; member 0 of StyleAligned = prompt 0 generated alone (up to the rounding of
-    another batch size)."""
+    """GroupNorm sharing alone (no attention shared): member 0 plain, the others changed;
+    member 0 of StyleAligned = prompt 0 generated alone (up to the rounding of another
+    batch size)."""
     p = runs["plain"].latents
     gn = sa.style_aligned(pipe, P3, num_inference_steps=N, seed=5, decode=False,
                           only_self_level=1.0)                         # GroupNorm only

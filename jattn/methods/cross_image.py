@@ -31,7 +31,9 @@ Translation to any UNet and step count: the reference's integer steps are fracti
 100 steps (``int(f·n)`` of ``n`` steps: 10 → 0.1, 90 → 0.9, 70 → 0.7, 40 → 0.4, 20 → 0.2,
 skip 32 → 0.32), so ``num_inference_steps=100`` gives exactly the reference's steps; its
 64² / 32² layers are the highest / second-highest query resolutions of the decoder's
-self-attention (the bundled model: 16² / 8²). With 100 steps and skip 32 only 68 steps
+self-attention (the bundled model: 16² / 8²; SDXL at 1024 px: 64² / 32², up_blocks.1 and
+up_blocks.0, its finest attention being latent/2, so the segmentation masks of the masked
+AdaIN are repeated ×2 to the latent grid). With 100 steps and skip 32 only 68 steps
 run, so both swap windows in fact cover ``[10, 68)``.
 
 Reference quirks (``reference_quirks=True``, default off): the attention sees the previous
@@ -254,11 +256,24 @@ class SegmentAdaIN(Op):
         x = latents.reshape((layout.groups, layout.members) + latents.shape[1:])
         on = (step >= self.window[0]) & (step < self.window[1])
         if self.masked:
-            new = masked_adain(x[:, OUT], x[:, APP], acc["masks"][:, 1], acc["masks"][:, 0])
+            hw = latents.shape[1:3]
+            new = masked_adain(x[:, OUT], x[:, APP], _to_latent_grid(acc["masks"][:, 1], hw),
+                               _to_latent_grid(acc["masks"][:, 0], hw))
         else:
             new = masked_adain(x[:, OUT], x[:, APP])
         x = x.at[:, OUT].set(jnp.where(on, new, x[:, OUT]))
         return x.reshape(latents.shape)
+
+
+def _to_latent_grid(mask: Array, hw: tuple) -> Array:
+    """Object masks ``(G, h, w)`` at the segmentation grid -> the latent grid ``(G, H, W)``
+    by nearest repetition. SD1/SD2: the same grid (the finest decoder self-attention runs
+    at the latent size; unchanged); SDXL: ×2, its finest attention being latent/2 (64² of
+    128²)."""
+    fh, fw = hw[0] // mask.shape[-2], hw[1] // mask.shape[-1]
+    if (fh, fw) == (1, 1):
+        return mask
+    return jnp.repeat(jnp.repeat(mask, fh, axis=-2), fw, axis=-1)
 
 
 def _last_site(sites, kind, res) -> AttentionSite:

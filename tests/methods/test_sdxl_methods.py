@@ -246,7 +246,7 @@ def _run(name, pipe):
         return maps.generate_with_maps(pipe, ["a cat"], num_inference_steps=N)[0].images
     if name == "segment":
         return segment.segment(pipe, "a cat and a dog", num_inference_steps=N,
-                               clusters=2).labels
+                               clusters=2).labels.astype(np.int32)  # may be one segment
     if name == "mix":
         return mix.mix(pipe, "a cat on a sofa", "cat", ["dog"], num_inference_steps=4).images
     if name == "excite":

@@ -121,7 +121,7 @@ def cmd_edit_p2p(args) -> int:
                guidance_scale=args.guidance_scale, seed=seeds[0],
                latents=None if inv is None else inv.x_t[:1],
                uncond_per_step=None if inv is None or inv.uncond_per_step is None
-               else inv.uncond_per_step[:, :1], **kwargs)
+               else _first_row(inv.uncond_per_step), **kwargs)
     paths = out.images(res.images)
     labels = [("reconstruction: " if inv is not None else "source: ") + args.prompt] + \
         list(args.target)
@@ -139,7 +139,18 @@ def cmd_edit_p2p(args) -> int:
     return 0
 
 
+def _first_row(uncond_per_step):
+    """``(T, B, …)`` null-text embeddings (SDXL: a dict of them) -> their first row."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda a: a[:, :1], uncond_per_step)
+
+
 def _check_inversion_fits(inv, pipe) -> None:
+    if inv.uncond_per_step is not None and isinstance(inv.uncond_per_step, dict) != pipe.is_sdxl:
+        made = "an SDXL" if isinstance(inv.uncond_per_step, dict) else "an SD1/SD2"
+        raise ValueError(f"--inversion-file was made with {made} model, not this one "
+                         f"({pipe.source}); invert the image with this --model.")
     c, f = pipe.unet_config.in_channels, pipe.vae_scale_factor
     shape = tuple(inv.x_t.shape[1:])
     if len(shape) != 3 or shape[0] != c or shape[1] * f < pipe.min_size():

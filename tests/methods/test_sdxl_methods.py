@@ -353,3 +353,26 @@ def test_excite_cli_with_prompt_2(pipe, tiny_sdxl_dir, tmp_path):
                                   api.images[0])
     without = pipe.generate(["a cat and a dog"], num_inference_steps=N, guidance=g)
     assert np.abs(api.images.astype(int) - without.images.astype(int)).max() > 0
+
+
+@pytest.mark.slow
+def test_cli_edit_p2p_null_text_on_sdxl(pipe, tiny_sdxl_dir, tiny_sd_dir, tmp_path, capsys):
+    """`jattn edit p2p --image` on SDXL: null-text inversion (the pytree saved in
+    inversion.npz) and the edit from it; the same file with an SD1 model: exit 2 and one
+    line naming --inversion-file and the model family."""
+    from PIL import Image
+
+    from jattn.cli import main
+    from jattn.commands import common
+
+    common._PIPES[(str(tiny_sdxl_dir), "float32", False)] = pipe
+    Image.fromarray(IMG[0]).save(tmp_path / "photo.png")
+    base = ["edit", "p2p", "--prompt", "a cat", "--target", "a dog", "--steps", str(N)]
+    rc = main(base + ["--model", str(tiny_sdxl_dir), "--image", str(tmp_path / "photo.png"),
+                      "--out-dir", str(tmp_path / "e")])
+    assert rc == 0 and (tmp_path / "e" / "001.png").is_file()
+    capsys.readouterr()
+    rc = main(base + ["--model", str(tiny_sd_dir), "--inversion-file",
+                      str(tmp_path / "e" / "inversion.npz"), "--out-dir", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--inversion-file was made with an SDXL model" in err, err

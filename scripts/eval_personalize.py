@@ -173,15 +173,19 @@ def _expand(prompt: str, subjects) -> str:
 
 
 def make_cases(n_single: int = 64, n_two: int = 16, n_patterned: int = 16, *,
-               seed: int = 0) -> list[Case]:
+               seed: int = 0, split: str = "heldout") -> list[Case]:
     """The evaluation cases (see the module docstring), in order single, two, patterned;
-    case i of a kind is a pure function of ``(seed, kind, i)``.
+    case i of a kind is a pure function of ``(seed, kind, i, split)``.
+
+    ``split="train"`` draws the subjects from the training subjects' (colour, shape) pairs
+    instead (a diagnostic: is identity learned at all, or only not carried to new
+    combinations?); the headline is ``"heldout"``.
 
     Raises:
-      ValueError: a negative count, or no case at all.
+      ValueError: a negative count, no case at all, or an unknown split.
     """
     from jattn.world.captions import NUM_CAPTION_VARIANTS, decode_variant, object_phrase
-    from jattn.world.pairs import HELDOUT_SUBJECT_PAIRS, other_pairs
+    from jattn.world.pairs import HELDOUT_SUBJECT_PAIRS, other_pairs, subject_pairs
     from jattn.world.spec import BACKGROUNDS, POSITIONS, ObjectSpec, SceneSpec
 
     for name, v in (("--cases", n_single), ("--two-subject", n_two), ("--patterned", n_patterned)):
@@ -189,20 +193,27 @@ def make_cases(n_single: int = 64, n_two: int = 16, n_patterned: int = 16, *,
             raise ValueError(f"{name} {v}: give a count ≥ 0")
     if n_single + n_two + n_patterned == 0:
         raise ValueError("--cases/--two-subject/--patterned: at least one case is needed")
-    pairs = sorted(HELDOUT_SUBJECT_PAIRS)
+    if split not in ("heldout", "train"):
+        raise ValueError(f"--subject-split {split!r}: use 'heldout' or 'train'")
+    pairs = sorted(HELDOUT_SUBJECT_PAIRS) if split == "heldout" else list(subject_pairs("train"))
     others = other_pairs()
+    stream = _CASE_STREAM if split == "heldout" else _CASE_STREAM + 1
     cases: list[Case] = []
     for kind, n in (("single", n_single), ("two", n_two), ("patterned", n_patterned)):
         k_code = KINDS.index(kind)
         for i in range(n):
-            rng = np.random.default_rng((seed, _CASE_STREAM, k_code, i))
+            rng = np.random.default_rng((seed, stream, k_code, i))
             variant = int(rng.integers(NUM_CAPTION_VARIANTS))
             articles = decode_variant(variant)[1]
             background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
             size = "large" if rng.random() < 0.25 else "medium"
             if kind == "two":
-                a = (i + int(rng.integers(1, len(pairs)))) % len(pairs)
-                pa, pb = pairs[i % len(pairs)], pairs[a]
+                pa = pairs[i % len(pairs)]
+                if split == "heldout":  # one pair per colour
+                    pb = pairs[(i + int(rng.integers(1, len(pairs)))) % len(pairs)]
+                else:
+                    cand = [p for p in pairs if p[0] != pa[0]]
+                    pb = cand[int(rng.integers(len(cand)))]
                 fills = ["solid", "solid"]
                 pos = list(_OPPOSITE[int(rng.integers(2))])
                 if rng.random() < 0.5:
@@ -215,7 +226,7 @@ def make_cases(n_single: int = 64, n_two: int = 16, n_patterned: int = 16, *,
                 continue
             color, shape = pairs[i % len(pairs)]
             if kind == "single":
-                fill = ("solid", "outlined")[(i // len(pairs)) % 2]
+                fill = ("solid", "outlined")[(i // len(pairs) if split == "heldout" else i) % 2]
                 fill = "solid" if shape == "ring" else fill
             else:
                 fill = ("striped", "dotted")[(i // len(pairs)) % 2]
@@ -345,7 +356,8 @@ def _f(v) -> str:
 
 def format_table(result: dict) -> str:
     """The one table: a line per row (trained or not)."""
-    head = (f"{'row':<12}{'identity':>9}{'solid':>7}{'outl':>7}{'col+shape':>10}{'align':>7}{'pos':>7}{'bg':>7}"
+    head = (f"{'row':<12}{'identity':>9}{'solid':>7}{'outl':>7}{'col+shape':>10}{'align':>7}"
+            f"{'pos':>7}{'bg':>7}"
             f"{'other':>7}{'id&al':>7}{'2-subj id':>10}{'2-subj id+pos':>14}"
             f"{'patt c+s':>9}{'s/img':>7}  note")
     lines = [head, "-" * len(head)]
@@ -587,6 +599,9 @@ def main(argv=None) -> int:
     ap.add_argument("--patterned", type=int, default=16,
                     help="striped/dotted subject cases (reported apart)")
     ap.add_argument("--case-seed", type=int, default=0)
+    ap.add_argument("--subject-split", choices=("heldout", "train"), default="heldout",
+                    help="train: subjects of training (colour, shape) pairs — a diagnostic, "
+                         "not the measure (default: held out)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--guidance-scale", type=float, default=7.5)
@@ -601,7 +616,8 @@ def main(argv=None) -> int:
     if args.batch < 1:
         ap.error(f"--batch {args.batch}: give a positive batch size")
     try:
-        cases = make_cases(args.cases, args.two_subject, args.patterned, seed=args.case_seed)
+        cases = make_cases(args.cases, args.two_subject, args.patterned, seed=args.case_seed,
+                           split=args.subject_split)
     except ValueError as e:
         ap.error(str(e))
     ckpt_root = Path(args.ckpt_root)
@@ -618,7 +634,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     result = {"rows": {}, "settings": dict(
         cases=args.cases, two_subject=args.two_subject, patterned=args.patterned,
-        case_seed=args.case_seed, seeds=args.seeds, steps=args.steps,
+        case_seed=args.case_seed, subject_split=args.subject_split, seeds=args.seeds,
+        steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler or "model default",
         batch=args.batch, model=str(args.model or "bundled"), backend=jax.default_backend(),
         goals=GOALS)}

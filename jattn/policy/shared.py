@@ -390,9 +390,11 @@ class SharedAttention(Op):
         holds the row's own keys again, which is exact only when all its slots are off.
       plain_members: static; the members whose rows get plain attention when all their
         slots are off (:meth:`edit_output`), a tuple of member indices (e.g. ``(0,)``, the
-        source: only its rows are recomputed, 1/M of the cost) or None (every member: also
-        exact outside the window). Other members' off rows keep the shared path's result
-        (plain attention up to rounding).
+        source: only its rows are recomputed, 1/M of the cost), None (every member: also
+        exact outside the window; the default) or ``()`` (none: no recomputation, for
+        policies whose rows are never all off, e.g. ConsiStory's anchors-and-members inside
+        its window: the recomputation costs it ~1.09x). Other members' off rows keep the
+        shared path's result (plain attention up to rounding).
     Raises:
       PolicyError: bad halves, own=False with several slots, dropout without mask/keys, a
         concrete table with mixed on/off rows on the fused path, tables not matching M.
@@ -491,6 +493,8 @@ class SharedAttention(Op):
         rows = self._rows(ctx)
         off = ~jnp.any(self._on(ctx, rows), axis=-1)                   # (B,)
         s = k.shape[1] // (rows.shape[1] + (1 if self.own else 0))
+        if self.plain_members is not None and len(self.plain_members) == 0:
+            return out
         if self.plain_members is None:
             plain = default_attention(q, k[:, :s], v[:, :s], upcast=ctx.upcast)
             return jnp.where(off[:, None, None, None], plain, out)

@@ -274,7 +274,8 @@ def consistory_policy(pipe, token_weights: np.ndarray, num_steps: int, *, groups
     table = shared_table(n, m, _anchor_sources(m, na), window=window)
     keys = np.zeros(g, np.uint32) if mask_keys is None else np.asarray(mask_keys, np.uint32)
     share = SharedAttention(jnp.asarray(table), mask=OtsuMask(op_index=0, key="map"),
-                            dropout=jnp.float32(p), keys=jnp.asarray(keys))
+                            dropout=jnp.float32(p), keys=jnp.asarray(keys),
+                            plain_members=())  # nothing to keep exact: no recomputation
     ops: tuple = (share,)
     if share_queries:
         ops = (PrePassBlend(weight=jnp.asarray(query_strengths(n)), op_index=0), share)

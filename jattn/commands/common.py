@@ -24,7 +24,7 @@ __all__ = ["Parser", "int_type", "float_type", "STEPS", "SEED", "SIZE", "GUIDANC
            "FRACTION", "add_model_args", "add_out_args", "add_sampling_args", "load_pipeline",
            "arguments", "save_grid", "write_outputs", "seeds_for", "load_npy", "read_image", "SCHEDULERS",
            "MAX_SEED", "OutputDir", "renamed_errors", "need_values", "add_sdxl_args",
-           "sdxl_kwargs", "SDXL_FLAGS"]
+           "sdxl_kwargs", "SDXL_FLAGS", "refuse_sdxl"]
 
 SCHEDULERS = ["ddim", "ddpm", "euler", "euler-ancestral", "euler-karras", "dpm++2m",
               "dpm++2m-karras"]  # = jattn.sampling.schedulers.SCHEDULER_NAMES
@@ -149,13 +149,14 @@ def add_sdxl_args(p: argparse.ArgumentParser, *, prompts: bool = True,
                        default=None, help="(default: --target-size)")
 
 
-def sdxl_kwargs(args, pipe, n_prompts: int | None = None) -> dict:
+def sdxl_kwargs(args, pipe, n_prompts: int | None = None, what: str = "--prompt") -> dict:
     """The SDXL keyword arguments of ``Pipeline.generate`` from the options of
     :func:`add_sdxl_args` (only those given).
 
     Raises:
       ValueError: an SDXL option with an SD1/SD2 model (naming the flag and the fix), or
-        ``--prompt-2`` given neither once nor once per ``--prompt``.
+        ``--prompt-2`` given neither once nor once per ``--prompt`` (``what``: the
+        command's rows, e.g. "prompt (--prompt and each --target)").
     """
     out = {}
     for key, flag in SDXL_FLAGS.items():
@@ -171,10 +172,23 @@ def sdxl_kwargs(args, pipe, n_prompts: int | None = None) -> dict:
             if len(v) == 1:
                 v = v * n_prompts
             if len(v) != n_prompts:
-                raise ValueError(f"--prompt-2: given {len(v)} times for {n_prompts} --prompt; "
-                                 "give it once (for all prompts) or once per --prompt.")
+                raise ValueError(f"--prompt-2: given {len(v)} times for {n_prompts} {what}; "
+                                 f"give it once (for all prompts) or once per {what}.")
         out[key] = tuple(v) if isinstance(v, list) and key != "prompt_2" else v
     return out
+
+
+def refuse_sdxl(xl: dict, why: str) -> None:
+    """One error naming the first SDXL option of ``xl`` (from :func:`sdxl_kwargs`) where it
+    has no meaning, e.g. ``why="with --image the inversion fixes the source's conditioning
+    (its prompt and the image's size)"``.
+
+    Raises:
+      ValueError: ``xl`` not empty.
+    """
+    if xl:
+        flag = SDXL_FLAGS[next(iter(xl))]
+        raise ValueError(f"{flag}: {why}; leave {flag} out.")
 
 
 _PIPES: dict = {}

@@ -439,7 +439,7 @@ def bounded_generate(pipe, prompts, phrases, boxes, *, num_inference_steps: int 
                      scheduler: str | None = None, height=None, width=None,
                      reference_quirks: bool = False, decode: bool = True,
                      return_masks: bool = False, policy: Policy | None = None,
-                     padding: str = "reference", **kw):
+                     padding: str = "reference", sdxl: dict | None = None, **kw):
     """Generate with Bounded Attention (one image per prompt).
 
     Args:
@@ -450,6 +450,8 @@ def bounded_generate(pipe, prompts, phrases, boxes, *, num_inference_steps: int 
       policy: another policy to compose with (applied first at each site, e.g.
         Prompt-to-Prompt's); its layout's rows must be the prompts in order.
       padding: ``"reference"``, ``"eos"`` or ``"blocked"`` (see :func:`bounded_inputs`).
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it.
       return_masks: also return the final regions, float32 ``(B, N, h, w)`` at the
         refinement maps' grid (the boxes there when no refinement ran), N subjects.
       kw: :func:`bounded_guidance` / :func:`bounded_policy` options (``init_step_size``,
@@ -491,7 +493,7 @@ def bounded_generate(pipe, prompts, phrases, boxes, *, num_inference_steps: int 
     out = pipe.generate(prompts, num_inference_steps=num_inference_steps,
                         guidance_scale=guidance_scale, seed=seed, latents=latents,
                         scheduler=scheduler, height=height, width=width, guidance=g,
-                        policy=pol, decode=decode)
+                        policy=pol, decode=decode, **(sdxl or {}))
     if not return_masks:
         return out
     m = final_masks(out.aux, MASK_NAME)

@@ -406,7 +406,7 @@ def consistory(pipe, subject: str | Sequence[str], prompts: Sequence[str] | Sequ
                freeu: bool = True, mask_resolution: tuple[int, int] | None = None,
                negative_prompt: str | None = None, reference_quirks: bool = False,
                height: int | None = None, width: int | None = None,
-               decode: bool = True) -> ConsiStoryOutput:
+               decode: bool = True, sdxl: dict | None = None) -> ConsiStoryOutput:
     """Generate the prompts with one consistent subject (ConsiStory).
 
     Args:
@@ -426,6 +426,8 @@ def consistory(pipe, subject: str | Sequence[str], prompts: Sequence[str] | Sequ
       reference_quirks: one dropout draw for every group (key 0), as the reference's
         whole-batch draw; the injection in place member after member.
       decode: decode images.
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it.
     Returns:
       :class:`ConsiStoryOutput`.
     Raises:
@@ -462,7 +464,8 @@ def consistory(pipe, subject: str | Sequence[str], prompts: Sequence[str] | Sequ
     hooks = (consistory_hooks(pipe, n, policy.layout, sdsa=sdsa, freeu=freeu, height=height,
                               width=width) if share_queries else None)
     kw = dict(negative_prompt=negative_prompt, num_inference_steps=n, guidance_scale=gs,
-              scheduler="ddim", eta=0.0, seed=seeds, height=height, width=width, hooks=hooks)
+              scheduler="ddim", eta=0.0, seed=seeds, height=height, width=width, hooks=hooks,
+              **(sdxl or {}))
     out = pipe.generate(flat, policy=policy, decode=decode and not feature_injection, **kw)
     first_latents = injected = None
     na = min(int(n_anchors), m)

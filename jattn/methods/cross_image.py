@@ -463,7 +463,9 @@ def cross_image(pipe, structure: Any, appearance: Any, prompt: str | None = None
         ``guidance_scale`` (CFG of the loop; the reference: 1 = none. At the inversion's
         scale the APP and STRUCT members regenerate their inputs exactly; both CFG halves
         are swapped, each pass does CFG, then swap guidance), ``reference_quirks``,
-        ``decode``.
+        ``decode``, ``sdxl`` (SDXL: ``Pipeline.generate``'s ``prompt_2`` and
+        micro-conditioning keywords for the generated inputs only; the inversions and the
+        loop use ``prompt``).
     Returns:
       :class:`CrossImageOutput`; ``images`` = [OUT, APP, STRUCT].
     Raises:
@@ -480,7 +482,8 @@ def _run(pipe, structures, appearances, prompt, *, num_inference_steps: int = 10
          object_word: str | None = "", nouns=None, masked_adain: bool = True,
          adain: bool = True, swap: bool = True, generate_steps: int = 50,
          generate_guidance_scale: float = 7.5, guidance_scale: float = 1.0,
-         reference_quirks: bool = False, decode: bool = True) -> CrossImageOutput:
+         reference_quirks: bool = False, decode: bool = True,
+         sdxl: dict | None = None) -> CrossImageOutput:
     from jattn.io import checks
     from jattn.sampling.ddpm_inversion import ddpm_invert
     from jattn.sampling.sampler import SamplerHooks
@@ -533,7 +536,7 @@ def _run(pipe, structures, appearances, prompt, *, num_inference_steps: int = 10
         gen = pipe.generate([t for _, _, t in texts], num_inference_steps=generate_steps,
                             guidance_scale=generate_guidance_scale, scheduler="ddim",
                             seed=[seed + 2 * i + j for i, j, _ in texts], height=height,
-                            width=width)
+                            width=width, **(sdxl or {}))
         for (i, j, _), im in zip(texts, gen.images):
             imgs[i][j] = im
     struct_imgs = np.stack([p[0] for p in imgs])

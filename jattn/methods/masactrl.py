@@ -296,6 +296,7 @@ def masactrl(
     follow_inversion: bool = False,
     height: int | None = None,
     width: int | None = None,
+    sdxl: dict | None = None,
 ) -> MasaCtrlOutput:
     """Run MasaCtrl: the source and each target prompt from one noise, DDIM sampler.
 
@@ -313,6 +314,8 @@ def masactrl(
         ``(source_word, target_word)``.
       negative_prompt: the unconditional prompt (None: "", the reference).
       follow_inversion: real images: the source follows the inverted trajectory.
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it.
     Returns:
       :class:`MasaCtrlOutput`.
     Raises:
@@ -377,7 +380,7 @@ def masactrl(
     out = pipe.generate(prompts, negative_prompt=negative_prompt, num_inference_steps=n,
                         guidance_scale=guidance_scale, scheduler="ddim", seed=[seed] * m,
                         latents=latents, policy=policy, hooks=hooks, height=height,
-                        width=width)
+                        width=width, **(sdxl or {}))
     used = None
     if variant == "mask":
         used = masks

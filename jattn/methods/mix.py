@@ -396,7 +396,7 @@ def mix(pipe, prompt, word, proxies, *, seed: int | Sequence[int] = 0,
         localise_threshold: float = 0.05,
         localise_window: tuple[float, float] = REFERENCE_LOCALISE_WINDOW,
         scheduler: str | None = None, height: int | None = None, width: int | None = None,
-        policy=None, reference_quirks: bool = False):
+        policy=None, reference_quirks: bool = False, sdxl: dict | None = None):
     """Shape variations of one object: ``[original, one image per proxy]`` in one compiled
     call (Patashnik et al. ICCV 2023; module docstring).
 
@@ -420,6 +420,9 @@ def mix(pipe, prompt, word, proxies, *, seed: int | Sequence[int] = 0,
         ``obj_pixels_injection_threshold`` (0.05).
       policy: another policy of the same layout composed after the mixing policy (e.g.
         :func:`jattn.methods.p2p.p2p_policy` with the proxy prompts as targets).
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it (``prompt_2``: one
+        for all rows or one per row; the preserve pass takes the originals' rows).
     Returns:
       :class:`jattn.pipeline.GenerateOutput`: ``images`` uint8 ``(G·(1+P), H, W, 3)``
       group-major ``[original_0, proxy_0_1, …, original_1, …]``, ``latents`` float32
@@ -441,9 +444,14 @@ def mix(pipe, prompt, word, proxies, *, seed: int | Sequence[int] = 0,
         raise ValueError(f"seed: {len(seeds)} seeds for {g} prompts; give one per prompt")
     gen_kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                   scheduler=scheduler, height=height, width=width)
+    xl = dict(sdxl or {})
+    keep_xl = dict(xl)
+    if not isinstance(xl.get("prompt_2"), (str, type(None))) and len(xl["prompt_2"]) == g * m:
+        keep_xl["prompt_2"] = list(xl["prompt_2"])[::m]        # the originals' rows
     keep = None
     if preserve:
-        keep = _preserve_keep(pipe, prompts, words, groups, preserve, seeds, gen_kw,
+        keep = _preserve_keep(pipe, prompts, words, groups, preserve, seeds,
+                              {**gen_kw, **keep_xl},
                               localise_threshold, remove_object, height, width)
     pol = mix_policy(pipe, prompts if g > 1 else prompts[0], words if g > 1 else words[0],
                      proxy_lists if g > 1 else proxy_lists[0], num_steps=num_inference_steps,
@@ -455,7 +463,7 @@ def mix(pipe, prompt, word, proxies, *, seed: int | Sequence[int] = 0,
         pol = compose(pol, policy)
     all_prompts = [p for ps, _ in groups for p in ps]
     return pipe.generate(all_prompts, seed=[s for s in seeds for _ in range(m)], policy=pol,
-                         **gen_kw)
+                         **gen_kw, **xl)
 
 
 def _preserve_keep(pipe, prompts, words, groups, preserve, seeds, gen_kw, threshold,

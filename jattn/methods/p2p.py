@@ -239,7 +239,7 @@ def _groups(source, targets) -> tuple[list[str], list[list[str]]]:
 def edit(pipe, source, targets, *, num_inference_steps: int = 50,
          guidance_scale: float = 7.5, seed: int = 0, latents: np.ndarray | None = None,
          uncond_per_step=None, height: int | None = None, width: int | None = None,
-         **policy_kwargs):
+         sdxl: dict | None = None, **policy_kwargs):
     """Run Prompt-to-Prompt edits: in each group the source and every target start from
     the same latents. ``source``/``targets`` as in :func:`p2p_policy` (G groups at once).
 
@@ -249,6 +249,8 @@ def edit(pipe, source, targets, *, num_inference_steps: int = 50,
       uncond_per_step: ``(steps, G or 1, 77, D)`` null-text embeddings (real-image editing);
         SDXL: :func:`jattn.sampling.inversion.invert`'s ``{"context", "text_embeds"}`` with
         those leading axes.
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it.
       policy_kwargs: see :func:`p2p_policy`.
     Returns:
       :class:`jattn.pipeline.GenerateOutput` with images ``[source_0, *targets_0, source_1,
@@ -282,4 +284,4 @@ def edit(pipe, source, targets, *, num_inference_steps: int = 50,
     return pipe.generate(prompts, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, seed=seed, latents=latents,
                          policy=policy, uncond_per_step=uncond_per_step, height=height,
-                         width=width, scheduler="ddim")
+                         width=width, scheduler="ddim", **(sdxl or {}))

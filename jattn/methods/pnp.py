@@ -182,6 +182,7 @@ def pnp(
     feature_site: str | None = None,
     height: int | None = None,
     width: int | None = None,
+    sdxl: dict | None = None,
 ) -> PnPOutput:
     """Translate a generated or a real image to each target prompt.
 
@@ -193,6 +194,8 @@ def pnp(
       seed: the noise of the generated source (every member starts from it).
       attn_fraction, feature_fraction: see :func:`pnp_policy` (0.5, 0.8).
       negative_prompt: of the targets (and of a generated source).
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it.
     Returns:
       :class:`PnPOutput`.
     Raises:
@@ -230,7 +233,7 @@ def pnp(
     out = pipe.generate(prompts, negative_prompt=negs, num_inference_steps=n,
                         guidance_scale=guidance_scale, scheduler="ddim", seed=[seed] * m,
                         latents=latents, policy=policy, hooks=hooks, height=height,
-                        width=width)
+                        width=width, **(sdxl or {}))
     att, feat = pnp_sites(pipe.sites(height, width),
                           default_feature_site(pipe) if feature_site is None else feature_site)
     settings = dict(attention_sites=[s.path for s in att], feature_site=feat,

@@ -414,7 +414,7 @@ def segment(pipe, prompt: str | Sequence[str], *, images: np.ndarray | None = No
             cross_resolution=None, n_init: int = 10, kmeans_seed: int = 1,
             upsample: str = "nearest", capture_all_cross: bool = False,
             latents: np.ndarray | None = None, height: int | None = None,
-            width: int | None = None) -> SegmentResult:
+            width: int | None = None, sdxl: dict | None = None) -> SegmentResult:
     """Segment generated images — or real images through inversion — into the prompt's words.
 
     One compiled sampler call for the whole batch captures the maps in-graph; one compiled
@@ -450,6 +450,8 @@ def segment(pipe, prompt: str | Sequence[str], *, images: np.ndarray | None = No
       upsample: ``"nearest"`` (reference) or ``"bilinear"`` labels at image size.
       capture_all_cross: capture every cross-attention grid (``maps`` then allows DAAM
         heat maps, :func:`jattn.policy.analysis.word_heatmaps`).
+      sdxl: SDXL only, generated images: ``Pipeline.generate``'s ``prompt_2`` and
+        micro-conditioning keywords, forwarded to it (an error with ``images``).
     Returns:
       :class:`SegmentResult`.
     Raises:
@@ -503,8 +505,11 @@ def segment(pipe, prompt: str | Sequence[str], *, images: np.ndarray | None = No
     policy = segment_policy(pipe, b, num_steps=steps, cfg=cfg, step_window=step_window,
                             self_resolution=self_hw, cross_resolution=cross_hw,
                             capture_all_cross=capture_all_cross, height=height, width=width)
+    if sdxl and inv is not None:
+        raise ValueError(f"sdxl: {sorted(sdxl)} apply to generated images; a real image's "
+                         "inversion fixes its conditioning (its prompt and the image's size)")
     out = pipe.generate(prompts, num_inference_steps=steps, height=height, width=width,
-                        policy=policy, **gen)
+                        policy=policy, **gen, **(sdxl or {}))
     maps = {**captured_maps(out.aux[0]), **captured_maps(out.aux[1])}
     res = segment_from_maps(pipe, maps, prompts, words=words, clusters=clusters,
                        threshold=threshold, size=(height, width), self_grid=self_hw,

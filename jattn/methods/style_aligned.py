@@ -253,7 +253,8 @@ def style_aligned(pipe, prompts: Sequence[str] | Sequence[Sequence[str]], *, see
                   window: tuple[float, float] = (0.0, 1.0), freeu: str | dict | None = None,
                   share: bool = True, negative_prompt: str | None = None,
                   reference_quirks: bool = False, height: int | None = None,
-                  width: int | None = None, decode: bool = True) -> StyleAlignedOutput:
+                  width: int | None = None, decode: bool = True,
+                  sdxl: dict | None = None) -> StyleAlignedOutput:
     """Generate images that share the style of a reference (member 0).
 
     Args:
@@ -277,6 +278,8 @@ def style_aligned(pipe, prompts: Sequence[str] | Sequence[Sequence[str]], *, see
       share: False = plain generation of the same prompts and seeds (the baseline; FreeU,
         the reference image's re-imposition still apply).
       decode: decode images.
+      sdxl: SDXL only: ``Pipeline.generate``'s ``prompt_2``, ``negative_prompt_2`` and
+        micro-conditioning keywords (``original_size``, …), forwarded to it.
     Returns:
       :class:`StyleAlignedOutput`.
     Raises:
@@ -366,7 +369,7 @@ def style_aligned(pipe, prompts: Sequence[str] | Sequence[Sequence[str]], *, see
     out = pipe.generate(flat, negative_prompt=negative_prompt, num_inference_steps=n,
                         guidance_scale=gs, scheduler="ddim", eta=0.0, seed=seeds,
                         latents=latents, policy=policy, hooks=hooks, height=height,
-                        width=width, decode=decode)
+                        width=width, decode=decode, **(sdxl or {}))
     settings = dict(num_inference_steps=n, guidance_scale=gs, scheduler="ddim", groups=g,
                     members=m, share=share, share_group_norm=share_group_norm,
                     full_attention_share=full_attention_share, adain_queries=adain_queries,

@@ -29,7 +29,7 @@ from jattn.commands.common import (FRACTION, GUIDANCE, SCHEDULERS, SEED, SIZE,
                                    STEPS, OutputDir, Parser, add_model_args, add_out_args,
                                    add_sampling_args, add_sdxl_args, arguments, float_type,
                                    int_type, load_npy, load_pipeline, read_image, save_grid,
-                                   sdxl_kwargs, seeds_for)
+                                   refuse_sdxl, sdxl_kwargs, seeds_for)
 
 
 # ---------------------------------------------------------------------- commands
@@ -105,6 +105,11 @@ def cmd_edit_p2p(args) -> int:
         names.append("inversion.npz")
     out.reserve(*names)
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, n, "prompt (--prompt, then each --target)")
+    if args.image or args.inversion_file:
+        refuse_sdxl(xl, "with --image/--inversion-file the inversion fixes the source's "
+                        "conditioning (--prompt alone, the image's size; SDXL null-text "
+                        "embeddings included); SDXL options apply to a generated source only")
     image = None
     if inv is not None:
         _check_inversion_fits(inv, pipe)
@@ -121,7 +126,7 @@ def cmd_edit_p2p(args) -> int:
                guidance_scale=args.guidance_scale, seed=seeds[0],
                latents=None if inv is None else inv.x_t[:1],
                uncond_per_step=None if inv is None or inv.uncond_per_step is None
-               else _first_row(inv.uncond_per_step), **kwargs)
+               else _first_row(inv.uncond_per_step), sdxl=xl, **kwargs)
     paths = out.images(res.images)
     labels = [("reconstruction: " if inv is not None else "source: ") + args.prompt] + \
         list(args.target)
@@ -204,10 +209,12 @@ def cmd_maps(args) -> int:
     out.reserve(*OutputDir.image_names(n), *(["grid.png"] if n > 1 else []),
                 *[f"{sub(i)}maps.png" for i in range(n)])
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, n)  # SDXL: --prompt-2, micro-conditioning
     res = args.self_resolution or default_self_resolution(pipe)
     gen, maps = generate_with_maps(pipe, args.prompt, seed=seeds,
                                    num_inference_steps=args.steps,
-                                   guidance_scale=args.guidance_scale, self_resolution=res)
+                                   guidance_scale=args.guidance_scale, self_resolution=res,
+                                   **xl)
     out.images(gen.images)
     if n > 1:
         save_grid(out, gen.images, args.prompt)
@@ -384,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--inversion-file", default=None, help=".npz from `jattn invert`")
     p.add_argument("--inversion", choices=["null-text", "ddim"], default="null-text")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_edit_p2p)
 
     iv = sub.add_parser("invert", help="DDIM / null-text inversion of a real image")
@@ -400,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--self-resolution", type=int_type(1), default=None,
                     help="self-attention grid side to capture (default: largest <= 32)")
     add_sampling_args(mp)
+    add_sdxl_args(mp, negative=False)
     mp.set_defaults(func=cmd_maps)
 
     d = sub.add_parser("demo", help="generations, attention maps and P2P edits + index.html")

@@ -16,7 +16,7 @@ import time
 
 from jattn.commands.common import (FRACTION, OutputDir, add_model_args, add_sampling_args,
                                    arguments, int_type, load_pipeline, renamed_errors,
-                                   write_outputs)
+                                   write_outputs, add_sdxl_args, sdxl_kwargs)
 
 _NAMES = {"subject:": "--subject:", "prompts:": "--prompt:", "n_anchors": "--anchors",
           "mask_dropout": "--mask-dropout", "num_inference_steps": "--steps",
@@ -36,6 +36,7 @@ def cmd_consistory(args) -> int:
     out = OutputDir(args.out_dir, overwrite=args.overwrite)
     out.reserve(*(OutputDir.image_names(len(prompts)) + ["grid.png"]))
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, len(prompts))  # SDXL: --prompt-2, micro-conditioning
     t0 = time.perf_counter()
     with renamed_errors(_NAMES):
         res = consistory(pipe, subject, prompts, seed=args.seed, num_inference_steps=args.steps,
@@ -43,7 +44,8 @@ def cmd_consistory(args) -> int:
                          mask_dropout=args.mask_dropout,
                          share_queries=not args.no_share_queries, sdsa=not args.no_sdsa,
                          feature_injection=not args.no_feature_injection, alpha=args.alpha,
-                         freeu=not args.no_freeu, reference_quirks=args.reference_quirks)
+                         freeu=not args.no_freeu, reference_quirks=args.reference_quirks,
+                         sdxl=xl)
     seconds = time.perf_counter() - t0
     labels = [("anchor: " if i < res.settings["n_anchors"] else "") + p
               for i, p in enumerate(prompts)]
@@ -82,4 +84,5 @@ def register(sub, edit_sub) -> None:
     p.add_argument("--reference-quirks", action="store_true",
                    help="one mask-dropout draw for every group (the reference's)")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_consistory, guidance_scale=5.0)

@@ -19,7 +19,8 @@ import warnings
 
 from jattn.commands.common import (GUIDANCE, SEED, STEPS, OutputDir, add_model_args,
                                    add_out_args, arguments, float_type, load_pipeline,
-                                   read_image, save_grid)
+                                   read_image, save_grid, add_sdxl_args, sdxl_kwargs,
+                                   refuse_sdxl)
 
 _EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -61,6 +62,12 @@ def cmd_cross_image(args) -> int:
                       f"and --appearance {sizes['--appearance'][0]}×"
                       f"{sizes['--appearance'][1]} px: both are resized to "
                       f"{pipe.default_size}×{pipe.default_size} px", stacklevel=1)
+    texts = [v for v in given.values() if isinstance(v, str)]
+    xl = sdxl_kwargs(args, pipe, len(texts) or None,  # the generated inputs' conditioning
+                     "input given as a prompt (--structure, --appearance)")
+    if not texts:
+        refuse_sdxl(xl, "--structure and --appearance are both images (inverted with --prompt "
+                        "at their size); SDXL options apply to an input given as a prompt")
     t0 = time.perf_counter()
     res = cross_image(pipe, given["--structure"], given["--appearance"], args.prompt,
                       num_inference_steps=args.steps, seed=args.seed,
@@ -69,7 +76,7 @@ def cmd_cross_image(args) -> int:
                       guidance_scale=args.guidance_scale,
                       object_word=args.object_word if args.object_word else "",
                       masked_adain=not args.no_masked_adain,
-                      reference_quirks=args.reference_quirks)
+                      reference_quirks=args.reference_quirks, sdxl=xl)
     seconds = time.perf_counter() - t0
     out.images(res.images)
     save_grid(out, [res.images[2], res.images[1], res.images[0]],
@@ -118,5 +125,6 @@ def register(sub, edit_sub) -> None:
     p.add_argument("--reference-quirks", action="store_true",
                    help="garibida/cross-image-attention's quirks (attention sees the previous "
                         "step's index, inclusive guidance end, contrast mean broadcast)")
+    add_sdxl_args(p, negative=False)
     add_out_args(p)
     p.set_defaults(func=cmd_cross_image)

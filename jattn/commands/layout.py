@@ -20,7 +20,7 @@ import time
 
 from jattn.commands.common import (OutputDir, add_model_args, add_sampling_args, arguments,
                                    load_pipeline, need_values, renamed_errors, seeds_for,
-                                   write_outputs)
+                                   write_outputs, add_sdxl_args, sdxl_kwargs)
 
 BOX_EXAMPLE = "needs at least one box, e.g. --box \"red circle=0,0,64,64\""
 
@@ -48,6 +48,7 @@ def cmd_layout(args) -> int:
     out.reserve(*names)
     pipe = load_pipeline(args)
     h = w = pipe.default_size
+    xl = sdxl_kwargs(args, pipe, len(prompts))  # SDXL: --prompt-2, micro-conditioning
     extra = {}
     phrases = [[p for p, _ in boxes] for _ in prompts]
     bx = [[b for _, b in boxes] for _ in prompts]
@@ -59,7 +60,8 @@ def cmd_layout(args) -> int:
             g = layout_guidance(pipe, prompts, phrases, bx, num_inference_steps=args.steps,
                                 reference_quirks=args.reference_quirks)
         res = pipe.generate(prompts, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance_scale, seed=seeds, guidance=g)
+                            guidance_scale=args.guidance_scale, seed=seeds, guidance=g,
+                            **xl)
     elif method == "bounded":
         import numpy as np
 
@@ -70,7 +72,7 @@ def cmd_layout(args) -> int:
                                       num_inference_steps=args.steps,
                                       guidance_scale=args.guidance_scale, seed=seeds,
                                       reference_quirks=args.reference_quirks,
-                                      return_masks=True)
+                                      return_masks=True, sdxl=xl)
         masks = np.asarray(masks, np.float32)
         out.write("masks.npy", lambda fh: np.save(fh, masks))
         extra["masks"] = [{p: masks[i, j].astype(int).tolist() for j, p in
@@ -85,7 +87,8 @@ def cmd_layout(args) -> int:
             g = excite_guidance(pipe, prompts, [excite for _ in prompts],
                                 num_inference_steps=args.steps)
         res = pipe.generate(prompts, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance_scale, seed=seeds, guidance=g)
+                            guidance_scale=args.guidance_scale, seed=seeds, guidance=g,
+                            **xl)
         extra["excite"] = excite
     if boxes:
         extra["boxes"] = {p: check_boxes([b], h, w, "--box")[0].tolist() for p, b in boxes}
@@ -112,4 +115,5 @@ def register(sub, edit_sub) -> None:
                    help="layout guidance: the reference's loss persisting across steps and "
                         "second half of the heads; bounded: the batch-coupled stopping rule")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_layout)

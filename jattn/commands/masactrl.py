@@ -17,7 +17,8 @@ import time
 
 from jattn.commands.common import (FRACTION, OutputDir, add_model_args, add_sampling_args,
                                    arguments, float_type, load_pipeline, need_values,
-                                   read_image, renamed_errors, save_grid, write_outputs)
+                                   read_image, renamed_errors, save_grid, write_outputs,
+                                   add_sdxl_args, sdxl_kwargs, refuse_sdxl)
 
 _NAMES = {"target_prompts:": "--target:", "mask_s:": "--mask-source:",
           "mask_t:": "--mask-target:", "mask_s, mask_t:": "--mask-source, --mask-target:",
@@ -63,13 +64,17 @@ def cmd_masactrl(args) -> int:
     mt = read_mask(args.mask_target, "--mask-target") if args.mask_target else None
     pipe = load_pipeline(args)
     image = read_image(pipe, args.image) if args.image else None
+    xl = sdxl_kwargs(args, pipe, n, "prompt (--prompt, then each --target)")
+    if image is not None:
+        refuse_sdxl(xl, "with --image the inversion fixes the source's conditioning (its prompt alone, the image's size); SDXL options apply to generated sources only")
     t0 = time.perf_counter()
     with renamed_errors(_NAMES):
         res = masactrl(pipe, args.prompt, targets, image=image, seed=args.seed,
                        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                        start_step=args.start_step, start_layer=args.start_layer,
                        variant=args.variant, mask_s=ms, mask_t=mt, token=args.token,
-                       threshold=args.threshold, follow_inversion=args.follow_inversion)
+                       threshold=args.threshold, follow_inversion=args.follow_inversion,
+                       sdxl=xl)
     seconds = time.perf_counter() - t0
     if res.masks is not None:
         import numpy as np
@@ -114,4 +119,5 @@ def register(sub, edit_sub) -> None:
                    help="with --image: the source follows the inverted trajectory (default: "
                         "regenerated from the inverted noise, as the reference notebook)")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_masactrl)

@@ -15,7 +15,7 @@ import time
 
 from jattn.commands.common import (FRACTION, SCHEDULERS, OutputDir, add_model_args,
                                    add_sampling_args, arguments, load_pipeline, save_grid,
-                                   seeds_for)
+                                   seeds_for, add_sdxl_args, sdxl_kwargs)
 
 
 def cmd_edit_mix(args) -> int:
@@ -41,6 +41,7 @@ def cmd_edit_mix(args) -> int:
     out = OutputDir(args.out_dir, overwrite=args.overwrite)
     out.reserve(*OutputDir.image_names(n), "grid.png")
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, n, "prompt (the original, then one per --proxy)")
     try:
         prompts, _ = mix_prompts(pipe.tokenizer, args.prompt, args.word, proxies,
                                  reference_quirks=args.reference_quirks)
@@ -52,7 +53,7 @@ def cmd_edit_mix(args) -> int:
               num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
               window=(s0, s1), blend_step=None if args.no_blend else args.blend_step,
               preserve=args.preserve, scheduler=args.scheduler,
-              reference_quirks=args.reference_quirks)
+              reference_quirks=args.reference_quirks, sdxl=xl)
     seconds = time.perf_counter() - t0
     paths = out.images(res.images)
     labels = [f"original: {args.word}"] + [f"proxy: {p}" for p in proxies]
@@ -91,4 +92,5 @@ def register(sub, edit_sub) -> None:
                    help="reproduce orpatashnik/local-prompt-mixing's quirks (last proxy's "
                         "blend mask for all; proxies of other token counts paired by position)")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_edit_mix)

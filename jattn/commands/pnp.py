@@ -15,7 +15,8 @@ import time
 
 from jattn.commands.common import (FRACTION, OutputDir, add_model_args, add_sampling_args,
                                    arguments, load_pipeline, need_values, read_image,
-                                   renamed_errors, write_outputs)
+                                   renamed_errors, write_outputs, add_sdxl_args, sdxl_kwargs,
+                                   refuse_sdxl)
 
 _NAMES = {"target_prompts:": "--target:", "attn_fraction=": "--attn-fraction ",
           "feature_fraction=": "--feature-fraction ", "source_prompt:": "--prompt:"}
@@ -33,13 +34,16 @@ def cmd_pnp(args) -> int:
     out.reserve(*OutputDir.image_names(n), "grid.png")
     pipe = load_pipeline(args)
     image = read_image(pipe, args.image) if args.image else None
+    xl = sdxl_kwargs(args, pipe, n, "prompt (--prompt, then each --target)")
+    if image is not None:
+        refuse_sdxl(xl, "with --image the inversion fixes the source's conditioning (its prompt alone, the image's size); SDXL options apply to generated sources only")
     t0 = time.perf_counter()
     with renamed_errors(_NAMES):
         res = pnp(pipe, image=image, source_prompt=args.prompt, target_prompts=targets,
                   seed=args.seed, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, attn_fraction=args.attn_fraction,
                   feature_fraction=args.feature_fraction,
-                  negative_prompt=args.negative_prompt)
+                  negative_prompt=args.negative_prompt, sdxl=xl)
     seconds = time.perf_counter() - t0
     figures = {}
     if image is not None:
@@ -73,4 +77,5 @@ def register(sub, edit_sub) -> None:
     p.add_argument("--negative-prompt", default=REFERENCE_NEGATIVE,
                    help=f"of the targets (default the reference's {REFERENCE_NEGATIVE!r})")
     add_sampling_args(p)
+    add_sdxl_args(p)
     p.set_defaults(func=cmd_pnp)

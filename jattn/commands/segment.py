@@ -12,9 +12,9 @@ Writes ``DIR/000.png`` (the generation, or the input's reconstruction), ``DIR/la
 
 from __future__ import annotations
 
-from jattn.commands.common import (FRACTION, OutputDir, add_model_args,
-                                   add_sampling_args, arguments, float_type, int_type,
-                                   load_pipeline, read_image, seeds_for)
+from jattn.commands.common import (FRACTION, OutputDir, add_model_args, add_sampling_args,
+                                   arguments, float_type, int_type, load_pipeline, read_image,
+                                   seeds_for, add_sdxl_args, sdxl_kwargs, refuse_sdxl)
 
 NAMES = ("000.png", "labels.png", "overlay.png")
 
@@ -39,6 +39,10 @@ def cmd_segment(args) -> int:
     out = OutputDir(args.out_dir, overwrite=args.overwrite, inputs=[args.image])
     out.reserve(*NAMES)
     pipe = load_pipeline(args)
+    xl = sdxl_kwargs(args, pipe, 1)  # SDXL: --prompt-2, micro-conditioning
+    if args.image:
+        refuse_sdxl(xl, "with --image the inversion fixes the image's conditioning (--prompt "
+                        "alone, the image's size); SDXL options apply to generated images only")
     kwargs = dict(clusters=args.clusters, words=args.words, threshold=args.threshold,
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                   step_window=(args.start_step, args.end_step), upsample=args.upsample,
@@ -48,7 +52,7 @@ def cmd_segment(args) -> int:
         res = segment(pipe, args.prompt, images=image[None], inversion=args.inversion,
                       **kwargs)
     else:
-        res = segment(pipe, args.prompt, seed=seeds[0], **kwargs)
+        res = segment(pipe, args.prompt, seed=seeds[0], sdxl=xl, **kwargs)
     words = res.words[0]
     out.image("000.png", res.images[0])
     out.write("labels.png", lambda fh: _save_labels(fh, res.labels[0]))
@@ -120,6 +124,7 @@ def register(sub, edit_sub=None) -> None:
     p.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest",
                    help="label map to image size (default nearest, as the reference)")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=cmd_segment)
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import time
 
-from jattn.commands.common import (FRACTION, OutputDir, add_model_args,
-                                   add_sampling_args, arguments, float_type, load_pipeline,
-                                   read_image, renamed_errors, write_outputs)
+from jattn.commands.common import (FRACTION, OutputDir, add_model_args, add_sampling_args,
+                                   arguments, float_type, load_pipeline, read_image,
+                                   renamed_errors, write_outputs, add_sdxl_args, sdxl_kwargs,
+                                   refuse_sdxl)
 
 _NAMES = {"reference_prompt": "--reference-prompt", "reference_image": "--reference-image",
           "shared_score_shift": "--shared-score-shift", "shared_score_scale":
@@ -52,6 +53,11 @@ def cmd_style_aligned(args) -> int:
     out.reserve(*(OutputDir.image_names(count) + ["grid.png"]))
     pipe = load_pipeline(args)
     image = read_image(pipe, ref, "--reference-image") if ref is not None else None
+    xl = sdxl_kwargs(args, pipe, len(prompts))  # SDXL: --prompt-2, micro-conditioning
+    if ref is not None:
+        refuse_sdxl(xl, "with --reference-image the inversion fixes the reference's "
+                        "conditioning (--reference-prompt alone, the image's size); SDXL "
+                        "options apply to a generated reference only")
     t0 = time.perf_counter()
     with renamed_errors(_NAMES):
         res = style_aligned(
@@ -63,7 +69,7 @@ def cmd_style_aligned(args) -> int:
             full_attention_share=args.full_attention_share,
             shared_score_scale=args.shared_score_scale,
             shared_score_shift=args.shared_score_shift, window=tuple(args.window),
-            freeu=args.freeu, reference_quirks=args.reference_quirks)
+            freeu=args.freeu, reference_quirks=args.reference_quirks, sdxl=xl)
     seconds = time.perf_counter() - t0
     group = res.prompts[0]
     labels = (["reference (reconstruction)" if ref is not None else "reference"]
@@ -114,6 +120,7 @@ def register(sub, edit_sub) -> None:
     p.add_argument("--reference-quirks", action="store_true",
                    help="google/style-aligned's layer-switch indexing (no effect on SD UNets)")
     add_sampling_args(p)
+    add_sdxl_args(p, negative=False)
     p.set_defaults(func=_with_defaults)
 
 

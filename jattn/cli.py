@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
         args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, eta=args.eta,
         guidance_rescale=args.guidance_rescale, seed=seeds, height=args.height,
-        width=args.width, latents=latents, **xl)
+        width=args.width, latents=latents, clip_skip=args.clip_skip, **xl)
     seconds = time.perf_counter() - t0
     paths = out.images(res.images)
     if n > 1:
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=SIZE, default=None)
     g.add_argument("--latents", default=None,
                    help=".npy float32 (B, C, h, w): unscaled initial noise as diffusers' latents=")
+    g.add_argument("--clip-skip", type=int, default=None,
+                   help="diffusers' clip_skip: condition on the text encoder's k-th layer "
+                        "from the default one (prompts only)")
     add_sdxl_args(g)
     add_out_args(g)
     g.set_defaults(func=cmd_generate)

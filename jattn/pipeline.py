@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,28 +198,41 @@ class Pipeline:
         return tokenize(self.tokenizer, prompts, max_length=self.text_config.max_position_embeddings,
                         name=name)
 
-    def _text_fn(self):
-        if "text" not in self._cache:
+    def _text_fn(self, clip_skip: int | None = None):
+        key = "text" if clip_skip is None else f"text-skip{clip_skip}"
+        if key not in self._cache:
             if self.is_sdxl:
                 cfg, cfg_2, dtype = self.text_config, self.text_config_2, self.dtype
 
                 def encode(params, ids, ids_2):
                     self._count("text")
                     ctx, pooled = sdxl_text.sdxl_text_embeddings(
-                        params, ids, ids_2, config=cfg, config_2=cfg_2, dtype=dtype)
+                        params, ids, ids_2, config=cfg, config_2=cfg_2, clip_skip=clip_skip,
+                        dtype=dtype)
                     return {"context": ctx, "text_embeds": pooled}
             else:
                 module = self.text_encoder
+                eps = self.text_config.layer_norm_eps
 
                 def encode(params, ids):
                     self._count("text")
-                    return module.apply({"params": params}, ids)["last_hidden_state"]
+                    out = module.apply({"params": params}, ids,
+                                       output_hidden_states=clip_skip is not None)
+                    if clip_skip is None:
+                        return out["last_hidden_state"]
+                    # diffusers' encode_prompt: hidden_states[-(clip_skip + 1)] through the
+                    # final layer norm
+                    hidden = out["hidden_states"][-(clip_skip + 1)]
+                    norm = params["text_model"]["final_layer_norm"]
+                    return nn.LayerNorm(epsilon=eps, dtype=module.dtype).apply(
+                        {"params": norm}, hidden)
 
-            self._cache["text"] = jax.jit(encode)
-        return self._cache["text"]
+            self._cache[key] = jax.jit(encode)
+        return self._cache[key]
 
     def encode_prompts(self, prompts: list[str], name: str = "prompt", *,
-                       prompts_2: list[str] | None = None, name_2: str | None = None):
+                       prompts_2: list[str] | None = None, name_2: str | None = None,
+                       clip_skip: int | None = None):
         """The text conditioning of B prompts.
 
         SD1/SD2: the prompt embeddings ``(B, 77, D)`` (last hidden state of the text
@@ -229,18 +243,28 @@ class Pipeline:
         prompt``) for ``text_encoder_2``. Either can be handed to :meth:`generate` as
         ``prompt_embeds`` / ``uncond_embeds``; SDXL's ``time_ids`` are added there.
 
+        ``clip_skip`` (diffusers'): None = the default layer; k ≥ 0 skips k more layers —
+        SD1/SD2: ``hidden_states[-(k + 1)]`` through the final layer norm; SDXL:
+        ``hidden_states[-(k + 2)]`` of both encoders.
+
         Raises:
           ValueError: prompts over 77 tokens (naming ``name``); SDXL: ``prompts_2`` of
             another count (naming ``name_2``, default ``name + "_2"``); SD1/SD2:
-            ``prompts_2`` given (one text encoder).
+            ``prompts_2`` given (one text encoder); ``clip_skip`` not a whole number in
+            ``[0, layers - 1]``.
         """
         name_2 = name_2 or f"{name}_2"
         prompts = list(prompts)
+        if clip_skip is not None:
+            layers = min(c.num_hidden_layers for c in (self.text_config, self.text_config_2)
+                         if c is not None)
+            clip_skip = checks.whole_number(
+                clip_skip, "clip_skip", minimum=0, maximum=layers - (2 if self.is_sdxl else 1))
         if not self.is_sdxl:
             if prompts_2 is not None:
                 raise _sdxl_only(name_2)
             ids = jnp.asarray(self.tokenize(prompts, name=name))
-            return self._text_fn()(self.params["text_encoder"], ids)
+            return self._text_fn(clip_skip)(self.params["text_encoder"], ids)
         from jattn.io.tokenizer import tokenize
 
         p2 = checks.prompt_list(prompts_2, name_2) if prompts_2 else prompts
@@ -255,7 +279,7 @@ class Pipeline:
                                      name=name_2))
         params = {"text_encoder": self.params["text_encoder"],
                   "text_encoder_2": self.params["text_encoder_2"]}
-        return self._text_fn()(params, ids, ids_2)
+        return self._text_fn(clip_skip)(params, ids, ids_2)
 
     def time_ids(self, batch: int, height: int, width: int, original_size=None,
                  crops_coords_top_left=None, target_size=None, *, prefix: str = ""
@@ -503,10 +527,12 @@ class Pipeline:
         return negs
 
     def _sd_conditioning(self, b, prompts, negative_prompt, prompt_embeds, uncond_embeds,
-                         uncond_per_step, do_cfg):
+                         uncond_per_step, do_cfg, clip_skip=None):
         """SD1/SD2: ``(cond (B, 77, D), uncond)``; ``uncond`` is ``cond`` (unused) without
-        CFG or with ``uncond_per_step``."""
-        cond = prompt_embeds if prompt_embeds is not None else self.encode_prompts(prompts)
+        CFG or with ``uncond_per_step``. ``clip_skip`` applies to the prompts only (the
+        negative prompts use the last layer, as diffusers' ``encode_prompt``)."""
+        cond = (prompt_embeds if prompt_embeds is not None
+                else self.encode_prompts(prompts, clip_skip=clip_skip))
         if do_cfg and uncond_per_step is None:
             if uncond_embeds is not None:
                 return cond, uncond_embeds
@@ -518,7 +544,8 @@ class Pipeline:
                            uncond_per_step, do_cfg, height, width, *, prompt_2,
                            negative_prompt_2, original_size, crops_coords_top_left,
                            target_size, negative_original_size,
-                           negative_crops_coords_top_left, negative_target_size):
+                           negative_crops_coords_top_left, negative_target_size,
+                           clip_skip=None):
         """SDXL: ``(cond, uncond, uncond_per_step)`` as ``{"context", "text_embeds",
         "time_ids"}`` pytrees (diffusers' ``StableDiffusionXLPipeline.__call__``: prompt
         embeddings, pooled ``add_text_embeds``, ``add_time_ids``)."""
@@ -539,7 +566,7 @@ class Pipeline:
             text = _sdxl_embeds(prompt_embeds, "prompt_embeds", b)
         else:
             text = self.encode_prompts(prompts, "prompt", prompts_2=_maybe_list(prompt_2),
-                                       name_2="prompt_2")
+                                       name_2="prompt_2", clip_skip=clip_skip)
         cond = {"time_ids": tid, **text}
         if not do_cfg:
             return cond, cond, None  # placeholder, unused without CFG
@@ -595,6 +622,7 @@ class Pipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
     ) -> GenerateOutput:
         """Generate images, one per prompt.
 
@@ -640,6 +668,10 @@ class Pipeline:
             all three or none are given. With B > 1 and negative values that differ from
             the positive ones, diffusers' ``add_time_ids.repeat(batch_size, 1)`` hands rows
             alternating negative/positive time ids; jattn gives each row its own.)
+          clip_skip: diffusers' ``clip_skip`` for the prompts (not the negative prompts, as
+            diffusers): None = the default layer, k ≥ 1 = k layers earlier (SD1/SD2:
+            ``hidden_states[-(k + 1)]`` through the final layer norm; SDXL:
+            ``hidden_states[-(k + 2)]`` of both encoders). Ignored with ``prompt_embeds``.
         Returns:
           :class:`GenerateOutput`.
         Raises:
@@ -678,10 +710,11 @@ class Pipeline:
         if self.is_sdxl:
             cond, uncond, uncond_per_step = self._sdxl_conditioning(
                 b, prompts, negative_prompt, prompt_embeds, uncond_embeds, uncond_per_step,
-                do_cfg, height, width, **xl)
+                do_cfg, height, width, **xl, clip_skip=clip_skip)
         else:
             cond, uncond = self._sd_conditioning(b, prompts, negative_prompt, prompt_embeds,
-                                                 uncond_embeds, uncond_per_step, do_cfg)
+                                                 uncond_embeds, uncond_per_step, do_cfg,
+                                                 clip_skip)
         schedule = self.schedule(steps, scheduler, eta)
         keys = sampler_lib.per_sample_keys(np.asarray(seeds, np.uint32))
         if latents is None:

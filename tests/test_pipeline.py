@@ -250,3 +250,28 @@ def test_cli_generate_and_sites(tiny_dir, tmp_path, capsys):
     rc = main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out-dir",
                str(tmp_path / "o2")])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_clip_skip_matches_diffusers_encode_prompt(tiny_dir, jpipe):
+    """``clip_skip`` = diffusers' (SD1: ``hidden_states[-(k + 1)]`` through the final layer
+    norm; prompts only): the prompt embeddings equal what ``StableDiffusionPipeline.
+    encode_prompt(clip_skip=1)`` computes, restated on the torch text encoder (diffusers'
+    own path reads ``text_encoder.text_model.final_layer_norm``, which transformers v5's
+    CLIPTextModel no longer has), differ from ``clip_skip=None``, and a value beyond the
+    encoder's layers is one clear error. Breaks if the layer index or the final norm is
+    wrong."""
+    import torch
+    from transformers import CLIPTextModel
+
+    enc = CLIPTextModel.from_pretrained(f"{tiny_dir}/text_encoder")
+    prompts = ["a red circle", "a blue square on the left"]
+    ids = torch.from_numpy(np.asarray(jpipe.tokenize(prompts)).astype(np.int64))
+    with torch.no_grad():
+        hidden = enc(ids, output_hidden_states=True).hidden_states[-(1 + 1)]
+        norm = getattr(enc, "text_model", enc).final_layer_norm
+        want = norm(hidden)
+    got = np.asarray(jpipe.encode_prompts(prompts, clip_skip=1))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert np.abs(got - np.asarray(jpipe.encode_prompts(prompts))).max() > 1e-3
+    with pytest.raises(ValueError, match="clip_skip"):
+        jpipe.encode_prompts(prompts, clip_skip=99)

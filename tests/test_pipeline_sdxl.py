@@ -421,3 +421,21 @@ def test_cli_sdxl_flags_and_sites(tiny_sdxl_dir, tiny_sd_dir, jpipe, tmp_path, c
     assert rc == 0 and "down_blocks.1.attentions.0.transformer_blocks.0.attn2" in out
     assert "mid_block.attentions.0.transformer_blocks.1.attn1" in out
     assert f"{len(jpipe.sites())} attention sites" in out
+
+
+def test_clip_skip_matches_diffusers_encode_prompt(jpipe, ref_pipe):
+    """SDXL ``clip_skip`` (``hidden_states[-(k + 2)]`` of both encoders, prompts only): the
+    context equals ``StableDiffusionXLPipeline.encode_prompt(clip_skip=1)`` and the pooled
+    embedding is unchanged. Breaks if the index is SD1's or the pooled output moves."""
+    import torch
+
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        want, _, pooled, _ = ref_pipe.encode_prompt(prompts, device="cpu",
+                                                    do_classifier_free_guidance=False,
+                                                    clip_skip=1)
+    got = jpipe.encode_prompts(prompts, clip_skip=1)
+    np.testing.assert_allclose(np.asarray(got["context"]), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["text_embeds"]), pooled.numpy(), atol=1e-5)
+    base = jpipe.encode_prompts(prompts)
+    assert np.abs(np.asarray(got["context"]) - np.asarray(base["context"])).max() > 1e-3

@@ -8,6 +8,9 @@ SIGGRAPH 2024; :mod:`jattn.methods.consistory`).
 Every ``--prompt`` must contain the ``--subject`` word(s). Writes ``000.png …`` (one per
 prompt, in order; the first ``--anchors`` are the anchors), ``grid.png`` and
 ``result.json``.
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``consistory(sdxl=)``.
 """
 
 from __future__ import annotations

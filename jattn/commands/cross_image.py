@@ -9,6 +9,10 @@ the loop regenerates them from their inversions, or generated from a text), ``gr
 (structure, appearance, output) and ``result.json``. An argument that names an existing file,
 or looks like a file (an image extension or a folder separator), is an image; otherwise a
 prompt from which the image is generated first.
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``cross_image(sdxl=)``: the inputs given as prompts only (the inversions and the loop use
+``--prompt``); refused when both inputs are images.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ boxes belongs to both subjects until the masks are refined). Writes ``000.png â€
 prompt), ``grid.png`` (several) and ``result.json`` (with the boxes used, as fractions;
 bounded: also the final subject masks, as lists per prompt and phrase and in
 ``masks.npy`` ``(prompts, phrases, h, w)``).
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``pipe.generate`` (layout guidance, attend-excite) or ``bounded_generate(sdxl=)``.
 """
 
 from __future__ import annotations

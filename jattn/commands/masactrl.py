@@ -9,6 +9,10 @@
 Writes ``000.png`` the source (with ``--image``: its regeneration from the inverted
 noise), ``001.png …`` the targets, ``grid.png``, ``result.json`` (``masks.png`` for the
 mask variants).
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``masactrl(sdxl=)``, one per row (source, then targets) or one for all; refused with
+``--image``.
 """
 
 from __future__ import annotations

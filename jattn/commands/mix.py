@@ -7,6 +7,9 @@ ICCV 2023; :mod:`jattn.methods.mix`).
 
 Writes ``000.png`` (the original), ``001.png …`` (one per proxy, in order), ``grid.png``
 and ``result.json``.
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``mix(sdxl=)``, one per row (original, then proxies) or one for all.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@
 
 Writes ``000.png`` the source (generated, or the real image's reconstruction), ``001.png …``
 one per target, ``grid.png``, ``result.json``.
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``pnp(sdxl=)`` (also ``--negative-prompt-2`` and the negative micro-conditioning), one per
+row (source, then targets) or one for all; refused with ``--image``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Writes ``DIR/000.png`` (the generation, or the input's reconstruction), ``DIR/la
 ``result.json``), ``DIR/overlay.png`` (segments coloured over the image) and
 ``DIR/result.json`` (arguments, words, labels, per-segment scores). See
 :mod:`jattn.methods.segment`.
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``segment(sdxl=)``; refused with ``--image``.
 """
 
 from __future__ import annotations

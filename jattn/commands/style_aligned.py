@@ -10,6 +10,9 @@ Writes ``000.png`` the reference (first ``--prompt``; with ``--reference-image``
 reconstruction from its DDIM inversion), ``001.png …`` the other prompts in order (each
 ``--prompt`` after the first, or every ``--prompt`` with a reference image), ``grid.png``
 and ``result.json``.
+
+SDXL models: ``--prompt-2`` and the micro-conditioning flags (``add_sdxl_args``) reach
+``style_aligned(sdxl=)``; refused with ``--reference-image``.
 """
 
 from __future__ import annotations

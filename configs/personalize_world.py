@@ -42,12 +42,14 @@ Expected: the loss falls below the loss with another subject's image (the encode
 colour/shape/fill); the evaluation (scripts/eval_personalize.py, held-out subjects) tells
 identity and prompt alignment of the three variants.
 
-Measured so far (nested, the background run of 2026-11-30; metrics.jsonl, 100-step means):
-training loss 0.136 (steps 1-100) -> 0.099 (steps 800-900); held-out validation
-(``--export-only --validate``: 32 held-out pairs, fixed t and noise, EMA weights) with the
-right subject vs with another pair's subject: step 100 0.1995 / 0.1996 (no identity yet),
-step 1900 0.158 / 0.215. Later sessions: the steps/s rose to 1.5 when the machine's load
-fell (load average ≈ 6).
+Measured (nested, the background run of 2026-11-30, 5000 steps in 68 min of wall time at
+1.2–2.6 steps/s as the machine's load varied; metrics.jsonl, 100-step means): training loss
+0.136 (steps 1-100) -> 0.099 (800-900) -> ≈ 0.09 (4000-5000). Held-out validation
+(``--export-only --validate``: 32 held-out pairs, fixed t and noise, EMA weights), loss with
+the right subject / with another pair's subject: step 100 0.1995 / 0.1996 (no identity
+yet), step 1900 0.158 / 0.215, step 5000 0.154 / 0.218. A look at 8 held-out generations
+(25 DDIM steps) at step 5000: positions and colours mostly right, shapes mostly not (the
+encoder carries colour first); the detector evaluation decides whether to train longer.
 
 ``get_config("tiny")``: tiny sizes for the tests (with a tiny random base model).
 """

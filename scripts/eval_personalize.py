@@ -463,7 +463,8 @@ def _slot_context_fn(text_config, tok_id: int):
 
 
 def generate_multi(pipe, loaded, subject_images, prompts, seeds, *, steps: int,
-                   guidance_scale: float, scheduler: str | None = None):
+                   guidance_scale: float, scheduler: str | None = None,
+                   scale: float | None = None):
     """Images of a trained variant for prompts with J ≥ 1 ``s*`` each: row i's j-th s* is
     ``subject_images[i][j]``, in one call (one compiled program per batch size and J).
 
@@ -471,7 +472,8 @@ def generate_multi(pipe, loaded, subject_images, prompts, seeds, *, steps: int,
     :func:`jattn.train.personalize.load_weights`. nested: per-slot nested K̃/Ṽ
     (:func:`jattn.methods.personalize.personalize_policy`, as :func:`personalize`);
     token: per-slot predicted embeddings; ip_adapter: the row's subjects' tokens
-    concatenated (λ on the conditional rows). Returns uint8 images ``(B, H, W, 3)``.
+    concatenated (λ on the conditional rows). ``scale``: λ (nested: on V*, default 1;
+    ip_adapter: default the trained ``ip_scale``). Returns uint8 images ``(B, H, W, 3)``.
     """
     import jax.numpy as jnp
 
@@ -506,9 +508,10 @@ def generate_multi(pipe, loaded, subject_images, prompts, seeds, *, steps: int,
         if variant == "nested":
             keys, values = nested_lib.nested_kv(params, tokens, sites)
             subj = np.arange(b * j, dtype=np.int32).reshape(b, j)
-            pol = personalize_policy(pipe, keys, values, pos, subj)
+            pol = personalize_policy(pipe, keys, values, pos, subj,
+                                     scale=1.0 if scale is None else scale)
         else:
-            lam = float(info.get("ip_scale", 1.0))
+            lam = float(info.get("ip_scale", 1.0) if scale is None else scale)
             tok = tokens.reshape(b, j * tokens.shape[1], tokens.shape[2])
             op = DecoupledImageAttention(
                 jnp.concatenate([tok, tok]),
@@ -535,7 +538,8 @@ def _chunks(items: list, size: int):
 
 def run_row(pipe, row: str, weights: str | None, cases: list[Case], seeds: list[int], *,
             steps: int, guidance_scale: float, batch: int, scheduler: str | None = None,
-            image_dir: Path | None = None, log=print) -> tuple[list[dict], float]:
+            scale: float | None = None, image_dir: Path | None = None,
+            log=print) -> tuple[list[dict], float]:
     """Generate and score every (case, seed) of one row; returns ``(records, seconds)``
     (records: ``case × seed``, case-major)."""
     loaded = None
@@ -562,7 +566,8 @@ def run_row(pipe, row: str, weights: str | None, cases: list[Case], seeds: list[
             else:
                 images = generate_multi(pipe, loaded, [[s.image for s in c.subjects] for c in cs],
                                         [c.prompt for c in cs], sd, steps=steps,
-                                        guidance_scale=guidance_scale, scheduler=scheduler)
+                                        guidance_scale=guidance_scale, scheduler=scheduler,
+                                        scale=scale)
             for k, c, img, seed in list(zip(chunk, cs, images, sd))[:n]:
                 rec = score_case(img, c)
                 rec.update(kind=c.kind, case=c.index, seed=seed)
@@ -606,6 +611,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--guidance-scale", type=float, default=7.5)
     ap.add_argument("--scheduler", default=None, help="default: the model's")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="λ of the trained rows (nested: on V*, default 1; ip_adapter: default "
+                         "its trained ip_scale; token: none) — a diagnostic")
     ap.add_argument("--batch", type=int, default=16, help="images per compiled call")
     ap.add_argument("--model", default=None, help="base model folder (default: the bundled)")
     ap.add_argument("--out", default=None, help="folder for result.json (and images)")
@@ -637,7 +645,8 @@ def main(argv=None) -> int:
         case_seed=args.case_seed, subject_split=args.subject_split, seeds=args.seeds,
         steps=args.steps,
         guidance_scale=args.guidance_scale, scheduler=args.scheduler or "model default",
-        batch=args.batch, model=str(args.model or "bundled"), backend=jax.default_backend(),
+        batch=args.batch, scale=args.scale, model=str(args.model or "bundled"),
+        backend=jax.default_backend(),
         goals=GOALS)}
     all_records = {}
     for row, info in rows.items():
@@ -647,7 +656,7 @@ def main(argv=None) -> int:
             continue
         recs, secs = run_row(pipe, row, info["weights"], cases, args.seeds, steps=args.steps,
                              guidance_scale=args.guidance_scale, batch=args.batch,
-                             scheduler=args.scheduler,
+                             scheduler=args.scheduler, scale=args.scale,
                              image_dir=out / "images" if (out and args.save_images) else None,
                              log=lambda m: print(m, flush=True))
         cases_rep = [cases[i] for i in range(len(cases)) for _ in args.seeds]

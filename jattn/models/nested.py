@@ -263,8 +263,8 @@ def site_params_path(site_path: str) -> tuple[str, ...]:
     return tuple(re.sub(r"\.(\d+)", r"_\1", site_path).split("."))
 
 
-def cross_site_shapes(unet_params: Mapping, sites: Sequence) -> dict[str, tuple[int, int]]:
-    """``{site_path: (D_ctx, N·H)}`` of the ``to_k`` kernel at every cross-attention site."""
+def _cross_attention_params(unet_params: Mapping, sites: Sequence) -> dict[str, Mapping]:
+    """``{site_path: the attention module's params}`` at every cross-attention site."""
     out = {}
     for s in sites:
         if s.kind != "cross":
@@ -272,23 +272,22 @@ def cross_site_shapes(unet_params: Mapping, sites: Sequence) -> dict[str, tuple[
         node = unet_params
         for k in site_params_path(s.path):
             node = node[k]
-        out[s.path] = tuple(node["to_k"]["kernel"].shape)
+        out[s.path] = node
     return out
+
+
+def cross_site_shapes(unet_params: Mapping, sites: Sequence) -> dict[str, tuple[int, int]]:
+    """``{site_path: (D_ctx, N·H)}`` of the ``to_k`` kernel at every cross-attention site."""
+    return {p: tuple(node["to_k"]["kernel"].shape)
+            for p, node in _cross_attention_params(unet_params, sites).items()}
 
 
 def init_from_unet(unet_params: Mapping, sites: Sequence) -> dict:
     """The ``nested`` params: ``{site_path: {"to_k", "to_v"}}`` copies of each
     cross-attention site's ``to_k``/``to_v`` kernels (float32)."""
-    out = {}
-    for s in sites:
-        if s.kind != "cross":
-            continue
-        node = unet_params
-        for k in site_params_path(s.path):
-            node = node[k]
-        out[s.path] = {"to_k": jnp.asarray(node["to_k"]["kernel"], jnp.float32),
-                       "to_v": jnp.asarray(node["to_v"]["kernel"], jnp.float32)}
-    return out
+    return {p: {"to_k": jnp.asarray(node["to_k"]["kernel"], jnp.float32),
+                "to_v": jnp.asarray(node["to_v"]["kernel"], jnp.float32)}
+            for p, node in _cross_attention_params(unet_params, sites).items()}
 
 
 def init_nested_params(config: NestedEncoderConfig, unet_params: Mapping, sites: Sequence,

@@ -32,23 +32,11 @@ DDIM 50 steps, CFG 7.5), MasaCtrl vs the target generated alone from the same no
   Fill is solid in every image (the bundled VAE renders striped/dotted fills solid,
   ../shared/BUNDLED_LIMITS.md), so fill agreement is not discriminative here.
 
-Speed (scripts/bench_edit.py --steps 25 --members 4 --repeats 5, bundled weights, one run;
-one group of 4 images, CFG 7.5 (ConsiStory 5.0), latents only except P2P, compiled,
-steady state; ratio = median over 5 interleaved rounds of method / plain generation of the
-same prompts, seeds and steps; this 2-core CPU shared with other jobs, load 4-8, so
-+-10-30 %):
+Speed (scripts/bench_edit.py --steps 25 --members 4 --repeats 5, one run; the whole
+table with its settings is in configs/style_aligned_world.py):
   method              method s  plain s  ratio   goal    member 0 vs plain  2nd-run compiles
-  StyleAligned          1.95     1.44    1.34   <= 1.3   bit-identical       0
   MasaCtrl (plain)      1.56     1.48    1.07   <= 1.1   bit-identical       0
   MasaCtrl (mask)       1.89     1.48    1.24   <= 1.1   bit-identical       0
-  PnP (source incl.)    1.54     1.34    1.16   <= 1.2   bit-identical       0
-  ConsiStory            5.69     1.35    3.73   <= 2.2   -                   0
-  P2P replace           1.24     1.16    1.07   <= 1.15  -                   0
-  P2P refine + blend    0.62     0.59    1.03   <= 1.15  -                   -
-(2nd run: new prompts, seeds, masks, step windows, score scale.) The source member's
-bit-identity (SharedAttention.edit_output, SharedGroupNorm's keep) costs StyleAligned
-1.026x (A/B of the same run without it: 1.27x -> 1.30x over plain in a separate
-measurement; the bench's 1.34 is this machine's noise around the goal).
 """
 
 

@@ -51,6 +51,24 @@ yet), step 1900 0.158 / 0.215, step 5000 0.154 / 0.218. A look at 8 held-out gen
 (25 DDIM steps) at step 5000: positions and colours mostly right, shapes mostly not (the
 encoder carries colour first); the detector evaluation decides whether to train longer.
 
+Evaluation of the shipped nested weights (step 5000; ``python scripts/eval_personalize.py
+--steps 25 --out DIR``, 2026-11-30: 64 single-subject cases on the 8 held-out (colour,
+shape) pairs, solid/outlined, prompts stating position and background, half with another
+object; 16 two-subject and 16 striped/dotted cases; seed 0, 25 steps, CFG 7.5; the world's
+detector), nested vs plain generation with the subject's words (token and ip_adapter: not
+trained yet at the time):
+                                               nested   plain
+    identity (colour, shape, fill)             0.094    0.609   goal ≥ 0.85
+      solid / outlined subjects            0.139/0.036  0.972/0.143
+    colour + shape                             0.141    0.734
+    colour alone                               0.734    1.000
+    alignment (position, background, other)    0.891    0.969   goal ≥ 0.85
+    two subjects: both identities              0.000    0.812   goal ≥ 0.7
+    striped/dotted: colour + shape             0.125    0.875
+  Subjects of training pairs (``--subject-split train``, 64 cases): identity 0.203, colour +
+  shape 0.266 — the encoder carries colour, not yet shape, on seen pairs too. λ = 2
+  (``--scale 2``): identity 0.094, alignment 0.812 (no gain).
+
 ``get_config("tiny")``: tiny sizes for the tests (with a tiny random base model).
 """
 

@@ -432,15 +432,6 @@ def resolve_row(row: str, weights: str | None, ckpt_root: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _encode_fn(enc):
-    import jax
-
-    from jattn.models import nested as nested_lib
-
-    return jax.jit(lambda p, x: nested_lib.encode_subjects(p, enc, x))
-
-
-@functools.lru_cache(maxsize=4)
 def _slot_context_fn(text_config, tok_id: int):
     """``(text params, ids (B, S), slot embeddings (B, J, D)) -> context``: the j-th
     placeholder token of a row gets ``slots[:, j]`` as its input embedding."""
@@ -480,8 +471,7 @@ def generate_multi(pipe, loaded, subject_images, prompts, seeds, *, steps: int,
     from jattn.methods.personalize import (load_subject_images, personalize_policy,
                                            placeholder_positions)
     from jattn.models import nested as nested_lib
-    from jattn.policy.core import Layout, Select, resolve
-    from jattn.policy.decoupled import DecoupledImageAttention
+    from jattn.train.personalize import _encode_fn, ip_adapter_policy
 
     variant, enc, params, info = loaded
     b = len(prompts)
@@ -513,14 +503,7 @@ def generate_multi(pipe, loaded, subject_images, prompts, seeds, *, steps: int,
         else:
             lam = float(info.get("ip_scale", 1.0) if scale is None else scale)
             tok = tokens.reshape(b, j * tokens.shape[1], tokens.shape[2])
-            op = DecoupledImageAttention(
-                jnp.concatenate([tok, tok]),
-                {s: w["to_k"] for s, w in params["ip"].items()},
-                {s: w["to_v"] for s, w in params["ip"].items()},
-                jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), lam)]).astype(jnp.float32))
-            pol = resolve([(Select(kind="cross"), op)], sites,
-                          layout=Layout(groups=b, members=1, cfg=True),
-                          context_tokens=pipe.text_config.max_position_embeddings)
+            pol = ip_adapter_policy(pipe, params, tok, lam, sites)
     uncond = pipe.encode_prompts([""] * b, name="negative_prompt")
     return pipe.generate(prompts, prompt_embeds=cond, uncond_embeds=uncond, seed=list(seeds),
                          num_inference_steps=steps, guidance_scale=guidance_scale,

@@ -494,6 +494,27 @@ def _encode_fn(enc: nested_lib.NestedEncoderConfig):
     return jax.jit(lambda p, x: nested_lib.encode_subjects(p, enc, x))
 
 
+def ip_adapter_policy(pipe, params: Mapping, tokens: Array, scale: float, sites):
+    """Baseline (b)'s inference policy: every cross-attention site adds
+    ``scale · Attn(q, tokens·W_k, tokens·W_v)`` with the trained ``params["ip"]``
+    projections, in the conditional CFG half only (the unconditional half has scale 0).
+
+    Args:
+      tokens: ``(B, R', D)`` image tokens per image (R' = R per subject × subjects).
+      scale: λ (training used ``ip_scale``).
+      sites: the pipeline's attention sites.
+    """
+    b = tokens.shape[0]
+    op = DecoupledImageAttention(
+        jnp.concatenate([tokens, tokens]),
+        {s: w["to_k"] for s, w in params["ip"].items()},
+        {s: w["to_v"] for s, w in params["ip"].items()},
+        jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), scale)]).astype(jnp.float32))
+    return resolve([(Select(kind="cross"), op)], sites,
+                   layout=Layout(groups=b, members=1, cfg=True),
+                   context_tokens=pipe.text_config.max_position_embeddings)
+
+
 def generate(pipe, weights, subject_images, prompts, seeds=0, *, scale: float | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 7.5,
              scheduler: str | None = None, decode: bool = True):
@@ -556,14 +577,7 @@ def generate(pipe, weights, subject_images, prompts, seeds=0, *, scale: float | 
                                      scale=1.0 if scale is None else scale)
         else:
             lam = float(info.get("ip_scale", 1.0) if scale is None else scale)
-            op = DecoupledImageAttention(
-                jnp.concatenate([tokens, tokens]),
-                {s: w["to_k"] for s, w in params["ip"].items()},
-                {s: w["to_v"] for s, w in params["ip"].items()},
-                jnp.concatenate([jnp.zeros((b,)), jnp.full((b,), lam)]).astype(jnp.float32))
-            pol = resolve([(Select(kind="cross"), op)], sites,
-                          layout=Layout(groups=b, members=1, cfg=True),
-                          context_tokens=pipe.text_config.max_position_embeddings)
+            pol = ip_adapter_policy(pipe, params, tokens, lam, sites)
     uncond = pipe.encode_prompts([""] * b, name="negative_prompt")
     return pipe.generate(prompts, prompt_embeds=cond, uncond_embeds=uncond, seed=seeds,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -34,6 +34,7 @@ def test_bundled_model_is_the_default(pipe):
     assert ids == [49406, 320, 2368, 3309, 12906, 49407]
 
 
+@pytest.mark.slow
 def test_diffusers_generates_the_same_image(pipe):
     """diffusers' StableDiffusionPipeline on the same folder and initial latents gives the
     same image (breaks if the export's layout, names or configs are wrong)."""
@@ -80,6 +81,7 @@ def test_position_words_place_the_object(pipe):
     assert np.mean(right) >= 0.8, right
 
 
+@pytest.mark.slow
 def test_colour_word_swap_keeps_the_object_and_changes_its_colour(pipe):
     """Prompt-to-Prompt word swap (P2P paper Fig. 3): the edited image keeps the source's
     object mask (IoU ≥ 0.8 by the world's detector) and the object takes the new colour."""

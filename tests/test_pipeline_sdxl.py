@@ -101,6 +101,7 @@ def _one(kw, i=1):
     return {k: (v[i:i + 1] if isinstance(v, list) else v) for k, v in kw.items()}
 
 
+@pytest.mark.slow
 def test_sdxl_given_time_ids_reproduce_diffusers_batch_layout(jpipe, ref_pipe):
     """Negative micro-conditioning at batch 2 against diffusers: its rows take the time
     ids neg, pos, neg, pos (NEG_SIZES); handing jattn exactly those rows as "time_ids" of

@@ -66,6 +66,7 @@ def jpipe(tiny_sd_dir):
     return jattn.load(tiny_sd_dir)
 
 
+@pytest.mark.slow
 def test_zero_steps_reproduce_plain_generation(jpipe):
     plain = jpipe.generate(["a cat and a frog"], num_inference_steps=4, seed=3)
     off = attend_and_excite(jpipe, "a cat and a frog", ["cat", "frog"], num_inference_steps=4,

@@ -51,6 +51,7 @@ def jpipe(tiny_sd_dir):
     return jattn.load(tiny_sd_dir)
 
 
+@pytest.mark.slow
 def test_runs_changes_and_no_recompile(jpipe):
     plain = jpipe.generate(["a red circle and a blue square"], num_inference_steps=3, seed=1)
     out = layout_generate(jpipe, "a red circle and a blue square", ["red circle", "square"],

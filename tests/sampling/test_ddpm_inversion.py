@@ -29,7 +29,8 @@ def setup(tiny_sd_dir):
     return jattn.load(tiny_sd_dir), np.stack(imgs)
 
 
-@pytest.mark.parametrize("scheduler,skip", [("ddim", 0), ("ddim", 2), ("ddpm", 1)])
+@pytest.mark.parametrize("scheduler,skip", [("ddim", 0), ("ddim", 2),
+                                            pytest.param("ddpm", 1, marks=pytest.mark.slow)])
 def test_regeneration_reproduces_the_encoded_latents(setup, scheduler, skip):
     """Started at x_skip with the noise maps replacing the scheduler's fresh noise, the
     sampler loop lands on the encoded latents (breaks on a wrong step pairing of x_t and

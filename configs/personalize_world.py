@@ -70,6 +70,15 @@ trained yet at the time):
   (``--scale 2``): identity 0.094, alignment 0.812 (no gain). Baseline (a) token, an
   intermediate check at step 2500/5000 (not the finished run): identity 0.125, colour +
   shape 0.156, alignment 0.984, two subjects 0.000; held-out validation 0.145 / 0.224.
+  All three trained (5000 steps each), same cases, 03:58 run:
+                                    nested   token   ip_adapter   plain
+    identity                         0.094   0.078     0.062      0.609   goal ≥ 0.85
+    colour + shape                   0.141   0.078     0.125      0.734
+    alignment                        0.891   0.969     0.828      0.969   goal ≥ 0.85
+      other stated object            0.919   0.946     0.757      0.946
+    two subjects: both identities    0.000   0.000     0.000      0.812   goal ≥ 0.7
+  The paper's trade-off shows on alignment only (decoupled image attention loses it, nested
+  keeps more); identity is missed by all three: the encoder does not carry shape yet.
 
 ``get_config("tiny")``: tiny sizes for the tests (with a tiny random base model).
 """

@@ -21,6 +21,7 @@ from jattn.methods import bounded, consistory, cross_image, masactrl, p2p, pnp
 from jattn.methods import style_aligned as sa
 from jattn.models.unet import UNetConfig, list_feature_sites, list_sites
 from jattn.policy.core import compose
+from test_style_aligned import _switch_off  # one helper (SharedGroupNorm is off on SDXL)
 
 N = 2  # denoising steps of the runs
 
@@ -184,31 +185,6 @@ def test_personalize_refuses_sdxl(pipe):
 
 
 # --------------------------------------------------------------------- composition
-def _switch_off(policy, what):
-    """The same policy (same compiled program) with StyleAligned's ("sa") or P2P's arrays
-    set to 'off' (tests/methods/test_style_aligned.py's helper, without GroupNorm: off on
-    SDXL)."""
-    import jax.numpy as jnp
-
-    from jattn.methods.p2p_ops import CrossEdit, SelfReplace
-    from jattn.policy.shared import AdaIN, SharedAttention
-
-    ops = []
-    for op in policy.ops:
-        if what == "sa" and isinstance(op, AdaIN):
-            ident = jnp.broadcast_to(jnp.arange(op.q_from.shape[-1]), op.q_from.shape)
-            op = op.replace(q_from=ident, k_from=ident)
-        elif what == "sa" and isinstance(op, SharedAttention):
-            op = op.replace(sources=jnp.broadcast_to(
-                jnp.arange(op.sources.shape[1])[None, :, None], op.sources.shape))
-        elif what == "p2p" and isinstance(op, CrossEdit):
-            op = op.replace(alphas=jnp.zeros_like(op.alphas))
-        elif what == "p2p" and isinstance(op, SelfReplace):
-            op = op.replace(window=jnp.zeros_like(op.window))
-        ops.append(op)
-    return policy.replace(ops=tuple(ops))
-
-
 def test_style_aligned_composes_with_p2p_on_sdxl(pipe):
     """StyleAligned + Prompt-to-Prompt word swap in one compiled program on SDXL, members
     [R, R', R'']: switching either method off by array values (0 recompilations) changes

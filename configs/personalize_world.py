@@ -84,8 +84,16 @@ trained yet at the time):
 """
 
 from jattn.train.personalize import PersonalizeConfig
+from jattn.train.vision_pretrain import VisionPretrainConfig
 
 STEPS = 5000
+
+
+def vision_pretrain_config() -> VisionPretrainConfig:
+    """Stage 0 (scripts/pretrain_vision.py): the vision tower, CLIP-style against the frozen
+    bundled text encoder, on the training subjects' images."""
+    return VisionPretrainConfig(batch_size=128, steps=1200, lr=1e-3, warmup_steps=100,
+                                weight_decay=0.05)
 
 
 def get_config(arg: str | None = None) -> PersonalizeConfig:

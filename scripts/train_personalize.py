@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a personalisation encoder on the world's pairs (recipe: configs/personalize_world.py).
 
-  python scripts/train_personalize.py --variant nested --out /work/ckpt/personalize_nested
+  python scripts/train_personalize.py --variant nested --out /work/ckpt/personalize_nested \
+      --vision-init /work/ckpt/vision_pretrain/vision.safetensors
   python scripts/train_personalize.py --variant token --out DIR [--steps N] [--max-minutes M]
   python scripts/train_personalize.py --variant ip_adapter --out DIR --export-only [--validate]
 
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "personalize_world.py"),
                     help="recipe file[:arg] (default: configs/personalize_world.py, arg = variant)")
     ap.add_argument("--model", default=None, help="base model folder (default: the bundled model)")
+    ap.add_argument("--vision-init", default=None,
+                    help="pretrained vision tower (scripts/pretrain_vision.py's "
+                         "DIR/vision.safetensors), loaded and kept frozen")
     ap.add_argument("--export", default=None,
                     help="weights file (default: OUT/weights.safetensors)")
     ap.add_argument("--export-only", action="store_true", help="export the newest checkpoint's EMA")
@@ -73,6 +77,11 @@ def main(argv=None) -> int:
         cfg = cfg.replace(variant=args.variant)
     if args.steps is not None:
         cfg = cfg.replace(steps=args.steps)
+    if args.vision_init is not None:
+        if not Path(args.vision_init).is_file():
+            ap.error(f"--vision-init {args.vision_init}: no such file; make it with "
+                     "scripts/pretrain_vision.py --out DIR (DIR/vision.safetensors)")
+        cfg = cfg.replace(vision_init=str(Path(args.vision_init).resolve()))
     out = Path(args.out)
     export = Path(args.export) if args.export else out / "weights.safetensors"
     t0 = time.time()

@@ -98,6 +98,11 @@ class NestedEncoderConfig:
         penultimate layer, as IP-Adapter-Plus and the Nested Attention release).
       placeholder_token: the vocabulary word that stands for s* (one BPE token).
       initializer_token: the word whose embedding initialised the placeholder's.
+      resize_edge: the preprocessing's shorter side before the centre crop to
+        ``vision.image_size`` (None = ``image_size``, CLIP's usual resize-then-crop of the
+        whole image). Larger than ``image_size`` crops the centre: the bundled encoder uses
+        128 for 64² crops, so a subject in the centre half of its image is seen at twice the
+        resolution (:attr:`processing`).
     """
 
     vision: CLIPVisionConfig
@@ -105,12 +110,16 @@ class NestedEncoderConfig:
     feature_layer: int = -2
     placeholder_token: str = PLACEHOLDER_TOKEN
     initializer_token: str = "object"
+    resize_edge: int | None = None
 
     def __post_init__(self):
         if self.resampler.embedding_dim != self.vision.hidden_size:
             raise ValueError(f"NestedEncoderConfig: resampler.embedding_dim="
                              f"{self.resampler.embedding_dim} must equal vision.hidden_size="
                              f"{self.vision.hidden_size}.")
+        if self.resize_edge is not None and self.resize_edge < self.vision.image_size:
+            raise ValueError(f"NestedEncoderConfig: resize_edge={self.resize_edge} must be at "
+                             f"least vision.image_size={self.vision.image_size} (or None).")
         n = self.vision.num_hidden_layers + 1
         if not -n <= self.feature_layer < n:
             raise ValueError(f"NestedEncoderConfig: feature_layer={self.feature_layer} is "
@@ -132,14 +141,17 @@ class NestedEncoderConfig:
 
     @property
     def processing(self) -> CLIPImageProcessing:
-        """CLIP preprocessing at the tower's size (resize shorter side, center crop)."""
+        """CLIP preprocessing at the tower's size (resize the shorter side to
+        :attr:`resize_edge`, centre crop ``image_size``²)."""
         s = self.vision.image_size
-        return CLIPImageProcessing(shortest_edge=s, crop_height=s, crop_width=s)
+        return CLIPImageProcessing(shortest_edge=self.resize_edge or s, crop_height=s,
+                                   crop_width=s)
 
     @classmethod
     def bundled(cls, context_dim: int = 96) -> "NestedEncoderConfig":
-        """The size trained for the bundled model: 64² images, patch 8 (64 patches), width
-        128, 4 layers; resampler width 128, 2 blocks, 4 heads × 32, R = 8 tokens of width
+        """The size trained for the bundled model: 64² centre crops of the subject image
+        resized to 128 (``resize_edge``), patch 8 (64 patches), width 128, 4 layers;
+        resampler width 128, 2 blocks, 4 heads × 32, R = 8 tokens of width
         ``context_dim`` (96 = the bundled UNet's cross_attention_dim). ≈ 1.2 M parameters
         (≈ 5 MB float32 with the nested projections)."""
         vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, projection_dim=32,
@@ -147,7 +159,7 @@ class NestedEncoderConfig:
                                   patch_size=8, hidden_act="gelu")
         res = ResamplerConfig(dim=128, depth=2, dim_head=32, heads=4, num_queries=8,
                               embedding_dim=128, output_dim=context_dim, ff_mult=2)
-        return cls(vision=vision, resampler=res)
+        return cls(vision=vision, resampler=res, resize_edge=128)
 
     @classmethod
     def sdxl_release(cls) -> "NestedEncoderConfig":
@@ -163,6 +175,8 @@ class NestedEncoderConfig:
                  resampler=dataclasses.asdict(self.resampler), feature_layer=self.feature_layer,
                  placeholder_token=self.placeholder_token,
                  initializer_token=self.initializer_token)
+        if self.resize_edge is not None:
+            d["resize_edge"] = self.resize_edge
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -181,7 +195,9 @@ class NestedEncoderConfig:
                        resampler=ResamplerConfig(**d["resampler"]),
                        feature_layer=int(d["feature_layer"]),
                        placeholder_token=str(d["placeholder_token"]),
-                       initializer_token=str(d.get("initializer_token", "")))
+                       initializer_token=str(d.get("initializer_token", "")),
+                       resize_edge=(None if d.get("resize_edge") is None
+                                    else int(d["resize_edge"])))
         except NestedWeightsError:
             raise
         except (ValueError, KeyError, TypeError) as e:

@@ -69,7 +69,7 @@ Array = jax.Array
 
 __all__ = ["VARIANTS", "PersonalizeConfig", "BaseModel", "base_from_pipeline", "encoder_config",
            "init_params", "personalize_loss", "make_step", "pair_batch", "train",
-           "export_weights", "load_weights", "weights_state_dict", "generate",
+           "export_weights", "load_weights", "weights_state_dict", "generate", "load_tower",
            "variant_conditioning", "validation_loss"]
 
 VARIANTS = ("nested", "token", "ip_adapter")
@@ -94,6 +94,10 @@ class PersonalizeConfig:
       ema_decay: EMA of the trained params (exported).
       snr_gamma: Min-SNR-γ weighting (0 = plain MSE).
       ip_scale: λ of the ``ip_adapter`` variant (IP-Adapter trains with 1).
+      vision_init: a pretrained vision tower (transformers' ``CLIPVisionModelWithProjection``
+        safetensors, e.g. :func:`jattn.train.vision_pretrain.export_tower`'s) that replaces
+        the random one and stays **frozen**, as the pretrained CLIP tower of Nested Attention
+        and IP-Adapter; None = a random tower trained with the rest.
       checkpoint_every, keep_checkpoints, log_every: cadences.
     """
 
@@ -110,6 +114,7 @@ class PersonalizeConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     ip_scale: float = 1.0
+    vision_init: str | None = None
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -197,6 +202,8 @@ def init_params(cfg: PersonalizeConfig, base: BaseModel) -> dict:
         tokenizer=base.tokenizer)
     # own buffers (the projections start as the UNet's kernels: never alias the frozen ones,
     # the train step donates the state)
+    if cfg.vision_init:
+        p["image_encoder"] = load_tower(cfg.vision_init, enc)
     p = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), p)
     if cfg.variant == "nested":
         return p
@@ -211,6 +218,29 @@ def init_params(cfg: PersonalizeConfig, base: BaseModel) -> dict:
     res["norm_out"] = {"scale": jnp.full_like(res["norm_out"]["scale"], float(table.std())),
                        "bias": jnp.asarray(p["placeholder"]["text_encoder"], jnp.float32)}
     return {"image_encoder": p["image_encoder"], "resampler": res}
+
+
+def load_tower(path: str | Path, enc: nested_lib.NestedEncoderConfig) -> dict:
+    """The vision tower params of a ``CLIPVisionModelWithProjection`` safetensors file.
+
+    Raises:
+      FileNotFoundError: no such file (names it and how to make one).
+      CheckpointMismatchError: a tower of other sizes than ``enc.vision``.
+    """
+    from safetensors.numpy import load_file
+
+    from jattn.models.clip_vision import convert_clip_vision_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision_init: no file {path}; make it with "
+                                "scripts/pretrain_vision.py --out DIR (DIR/vision.safetensors)")
+    return convert_clip_vision_state_dict(load_file(str(path)), enc.vision)
+
+
+def _freeze_labels(params) -> dict:
+    return {k: jax.tree_util.tree_map(lambda _: "frozen" if k == "image_encoder" else "train", v)
+            for k, v in params.items()}
 
 
 # ----------------------------------------------------------------------------- loss
@@ -302,14 +332,23 @@ def make_step(cfg: PersonalizeConfig, base: BaseModel):
     enc = encoder_config(cfg, base)
     schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, 1.0, "constant")
     tx = make_optimizer(schedule, cfg.weight_decay, cfg.grad_clip)
+    if cfg.vision_init:  # the pretrained tower stays as loaded (no update, no decay)
+        import optax
+
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _freeze_labels)
     tok_id = _token_id(base, enc)
     loss_fn = functools.partial(personalize_loss, cfg=cfg, enc=enc, base=base, tok_id=tok_id)
+
+    def frozen_tower(p):
+        if not cfg.vision_init:
+            return p
+        return {**p, "image_encoder": jax.lax.stop_gradient(p["image_encoder"])}
 
     def step_fn(state, frozen, pixels, latents, ids, positions):
         key = _step_key(cfg.seed, _STREAM, state["step"])
         return _optimizer_step(
-            state, lambda p: loss_fn(p, frozen, pixels, latents, ids, positions, key), tx,
-            schedule, cfg.ema_decay)
+            state, lambda p: loss_fn(frozen_tower(p), frozen, pixels, latents, ids, positions,
+                                     key), tx, schedule, cfg.ema_decay)
 
     jitted = jax.jit(step_fn, donate_argnums=0)
     frozen = {"unet": base.params["unet"], "text_encoder": base.params["text_encoder"]}

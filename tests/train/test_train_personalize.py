@@ -141,6 +141,36 @@ def test_weights_round_trip(base, tmp_path):
                                   _flat(P.init_params(_ns["tiny_config"]("nested"), base)))
 
 
+@pytest.mark.slow  # ~25 s: compiles a tiny UNet train step
+def test_vision_init_loads_the_tower_and_keeps_it_frozen(base, tmp_path):
+    """With ``vision_init`` the tower is the file's (not the random init) and optimizer
+    steps leave it exactly as loaded (no update, no weight decay) while the resampler and
+    nested projections move. Breaks if the tower is trained or decayed, or the file ignored."""
+    from jattn.models.clip_vision import init_clip_vision_params
+    from jattn.train import personalize as P
+    from jattn.train import vision_pretrain as V
+    from jattn.train.steps import init_state
+
+    cfg = _ns["tiny_config"]("nested").replace(lr=1e-2, ema_decay=0.0)
+    enc = P.encoder_config(cfg, base)
+    tower = init_clip_vision_params(enc.vision, jax.random.key(123))
+    path = V.export_tower(tmp_path / "vision.safetensors", {"image_encoder": tower})
+    cfg = cfg.replace(vision_init=str(path))
+    params = P.init_params(cfg, base)
+    np.testing.assert_array_equal(_flat(params["image_encoder"]), _flat(tower))
+    step_fn, tx = P.make_step(cfg, base)
+    state = init_state(params, tx)
+    before = {k: _flat(v) for k, v in state["params"].items()}
+    batch = P.pair_batch(cfg, base, 0)
+    for _ in range(3):
+        state, _ = step_fn(state, *batch)
+    np.testing.assert_array_equal(_flat(state["params"]["image_encoder"]), _flat(tower))
+    for k in ("resampler", "nested"):
+        assert not np.array_equal(_flat(state["params"][k]), before[k]), k
+    with pytest.raises(FileNotFoundError, match="pretrain_vision.py"):
+        P.init_params(cfg.replace(vision_init=str(tmp_path / "missing.safetensors")), base)
+
+
 _RUNNER = TINY_BASE + textwrap.dedent("""
     import sys, time
     from jattn.train.loop import StopFlag

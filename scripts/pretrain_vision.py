@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     V.export_tower(out / "vision.safetensors", params)
     enc = cfg.encoder_config()
     table = {"pretrained": V.attribute_accuracy(params["image_encoder"], enc, base=pipe,
-                                                text_projection=params["text_projection"]),
+                                                text_projection=params["text_projection"],
+                                                heads=params.get("heads")),
              "random": V.attribute_accuracy(init_clip_vision_params(enc.vision,
                                                                     jax.random.key(0)), enc)}
     try:

@@ -206,7 +206,10 @@ def load_subject_images(images, config: nested_lib.NestedEncoderConfig, *,
     """Subject images -> CLIP-preprocessed ``(U, S_img, S_img, 3)`` float32.
 
     Accepted: paths, PIL images, uint8 arrays ``(H, W, 3|4)``. The image should show the
-    subject alone, roughly centred (it is resized and centre-cropped to S_img).
+    subject alone, roughly centred: it is resized (shorter side to the encoder's
+    ``resize_edge``, default S_img) and centre-cropped to S_img, so with the bundled encoder
+    (``resize_edge`` 128, S_img 64) the subject should lie in the centre half of the image,
+    as the world's subject images (an object 17–38 px wide in 128²).
 
     Raises:
       FileNotFoundError: a path that does not exist.
@@ -238,7 +241,7 @@ def load_subject_images(images, config: nested_lib.NestedEncoderConfig, *,
         if min(w, h) < lo or max(w, h) > 2 * min(w, h):
             raise ValueError(f"{what}: {w}×{h} pixels is the wrong size for a subject image: "
                              f"it must be at least {lo} px on each side and at most 2:1 (the "
-                             f"encoder sees a {config.image_size}² centre crop). Crop the "
+                             f"encoder sees a centre crop of it). Crop the "
                              "image around the subject.")
         out.append(preprocess_clip_image(pil if isinstance(pil, Image.Image) else im,
                                          config.processing))

@@ -56,7 +56,8 @@ def test_subject_phrases_cover_every_training_subject_once():
 def test_subject_batch_labels_match_the_rendered_subjects():
     """The phrase label of each image is the index of its (colour, shape, fill, size), the
     pixels are the encoder's preprocessing (a 32² crop of the 64² resize), held-out subjects
-    get -1. Breaks if labels and images are misaligned."""
+    get -1, and greyscale rows have equal channels, the others unchanged. Breaks if labels
+    and images are misaligned or the grey mask is applied to the wrong rows."""
     enc = _tiny_encoder()
     _, index = V.subject_phrases(subject_pairs("train"))
     keys = list(index)
@@ -69,6 +70,13 @@ def test_subject_batch_labels_match_the_rendered_subjects():
                                 FILLS[attrs["fill"][i]], SIZES[attrs["size"][i]])
     _, lab_h, _ = V.subject_batch(enc, index, 4, seed=3, split="heldout")
     assert (lab_h == -1).all()
+    gray = np.array([True, False] * 4)
+    px_g, lab_g, _ = V.subject_batch(enc, index, 8, seed=3, gray=gray)
+    np.testing.assert_array_equal(lab_g, lab)
+    np.testing.assert_array_equal(px_g[~gray], px[~gray])
+    raw = px_g * np.asarray(enc.processing.image_std) + np.asarray(enc.processing.image_mean)
+    assert np.ptp(raw[gray], axis=-1).max() < 2e-2  # equal channels (bicubic rounding)
+    assert np.ptp(raw[~gray], axis=-1).max() > 0.2
 
 
 def test_steps_reduce_the_contrastive_loss_and_the_tower_exports(text_base, tmp_path):
@@ -85,12 +93,15 @@ def test_steps_reduce_the_contrastive_loss_and_the_tower_exports(text_base, tmp_
     assert text.shape == (len(phrases), 16)
     step_fn, tx = V.make_step(cfg, text)
     state = init_state(V.init_params(cfg, text.shape[1]), tx)
-    px, lab, _ = V.subject_batch(enc, index, 16, seed=0)
+    gray = np.arange(16) % 2 == 0
+    px, lab, attrs = V.subject_batch(enc, index, 16, seed=0, gray=gray)
+    attrs = {a: jnp.asarray(v, jnp.int32) for a, v in attrs.items()}
     loss = jax.jit(lambda p: V.contrastive_loss(p, jnp.asarray(px), jnp.asarray(lab),
-                                                jnp.asarray(text), enc=enc)[0])
+                                                jnp.asarray(text), attrs, jnp.asarray(gray),
+                                                enc=enc, attribute_weight=1.0)[0])
     l0 = float(loss(state["params"]))
     for _ in range(15):
-        state, m = step_fn(state, jnp.asarray(px), jnp.asarray(lab))
+        state, m = step_fn(state, jnp.asarray(px), jnp.asarray(lab), attrs, jnp.asarray(gray))
     l1 = float(loss(state["params"]))
     assert np.isfinite(l0) and l1 < 0.8 * l0, (l0, l1)
     path = V.export_tower(tmp_path / "v.safetensors", state["params"])

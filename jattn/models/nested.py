@@ -75,7 +75,8 @@ __all__ = ["NestedEncoderConfig", "SubjectEncoder", "NestedWeights", "encode_sub
            "nested_kv", "site_params_path", "init_nested_params", "init_from_unet",
            "save_nested_weights", "load_nested_weights", "nested_state_dict",
            "convert_nested_state_dict", "convert_authors_release", "diffusers_processor_order",
-           "PLACEHOLDER_TOKEN", "FORMAT_VERSION", "NestedWeightsError", "cross_site_shapes"]
+           "PLACEHOLDER_TOKEN", "FORMAT_VERSION", "NestedWeightsError", "cross_site_shapes",
+           "achromatic"]
 
 PLACEHOLDER_TOKEN = "sks"  # one BPE token of the CLIP vocabulary (id 48136)
 FORMAT_VERSION = 1
@@ -103,6 +104,11 @@ class NestedEncoderConfig:
         whole image). Larger than ``image_size`` crops the centre: the bundled encoder uses
         128 for 64² crops, so a subject in the centre half of its image is seen at twice the
         resolution (:attr:`processing`).
+      achromatic_view: also run the tower on the image's luminance (ITU-R 601, in-graph) and
+        give the resampler both views' tokens (``2·(1 + P)`` of them). A tower trained with
+        colour labels codes shape jointly with colour; its greyscale view reads shape alone,
+        which carries over to (colour, shape) pairs it never saw. False for the authors'
+        release (one view).
     """
 
     vision: CLIPVisionConfig
@@ -111,6 +117,7 @@ class NestedEncoderConfig:
     placeholder_token: str = PLACEHOLDER_TOKEN
     initializer_token: str = "object"
     resize_edge: int | None = None
+    achromatic_view: bool = False
 
     def __post_init__(self):
         if self.resampler.embedding_dim != self.vision.hidden_size:
@@ -150,7 +157,8 @@ class NestedEncoderConfig:
     @classmethod
     def bundled(cls, context_dim: int = 96) -> "NestedEncoderConfig":
         """The size trained for the bundled model: 64² centre crops of the subject image
-        resized to 128 (``resize_edge``), patch 8 (64 patches), width 128, 4 layers;
+        resized to 128 (``resize_edge``), patch 8 (64 patches), width 128, 4 layers, run on
+        the image and on its luminance (``achromatic_view``);
         resampler width 128, 2 blocks, 4 heads × 32, R = 8 tokens of width
         ``context_dim`` (96 = the bundled UNet's cross_attention_dim). ≈ 1.2 M parameters
         (≈ 5 MB float32 with the nested projections)."""
@@ -159,7 +167,7 @@ class NestedEncoderConfig:
                                   patch_size=8, hidden_act="gelu")
         res = ResamplerConfig(dim=128, depth=2, dim_head=32, heads=4, num_queries=8,
                               embedding_dim=128, output_dim=context_dim, ff_mult=2)
-        return cls(vision=vision, resampler=res, resize_edge=128)
+        return cls(vision=vision, resampler=res, resize_edge=128, achromatic_view=True)
 
     @classmethod
     def sdxl_release(cls) -> "NestedEncoderConfig":
@@ -177,6 +185,8 @@ class NestedEncoderConfig:
                  initializer_token=self.initializer_token)
         if self.resize_edge is not None:
             d["resize_edge"] = self.resize_edge
+        if self.achromatic_view:
+            d["achromatic_view"] = True
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -197,7 +207,8 @@ class NestedEncoderConfig:
                        placeholder_token=str(d["placeholder_token"]),
                        initializer_token=str(d.get("initializer_token", "")),
                        resize_edge=(None if d.get("resize_edge") is None
-                                    else int(d["resize_edge"])))
+                                    else int(d["resize_edge"])),
+                       achromatic_view=bool(d.get("achromatic_view", False)))
         except NestedWeightsError:
             raise
         except (ValueError, KeyError, TypeError) as e:
@@ -219,10 +230,24 @@ class SubjectEncoder(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: Array) -> Array:
         cfg = self.config
-        out = CLIPVisionModelWithProjection(cfg.vision, self.dtype, name="image_encoder")(
-            pixel_values, output_hidden_states=True)
-        feats = out["hidden_states"][cfg.feature_layer]
+        tower = CLIPVisionModelWithProjection(cfg.vision, self.dtype, name="image_encoder")
+        feats = tower(pixel_values, output_hidden_states=True)["hidden_states"][cfg.feature_layer]
+        if cfg.achromatic_view:
+            gray = achromatic(pixel_values, cfg.processing)
+            feats = jnp.concatenate(
+                [feats, tower(gray, output_hidden_states=True)["hidden_states"][
+                    cfg.feature_layer]], axis=1)
         return Resampler(cfg.resampler, self.dtype, name="resampler")(feats)
+
+
+def achromatic(pixel_values: Array, processing: CLIPImageProcessing) -> Array:
+    """The luminance view of CLIP-normalised images ``(B, S, S, 3)``: un-normalise, ITU-R 601
+    luminance in all three channels, normalise again (same shape and dtype)."""
+    mean = jnp.asarray(processing.image_mean, pixel_values.dtype)
+    std = jnp.asarray(processing.image_std, pixel_values.dtype)
+    raw = pixel_values * std + mean
+    lum = raw @ jnp.asarray([0.299, 0.587, 0.114], pixel_values.dtype)
+    return (lum[..., None] - mean) / std
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,8 +79,9 @@ class VisionPretrainConfig:
         colour, shape, fill and size on the pooled output, cross entropy averaged over the
         four); 0 = the phrase objective alone.
       gray_fraction: fraction of each batch shown in greyscale (luminance in all three
-        channels); those rows train the shape, fill and size heads only (no phrase, no
-        colour), so shape must be read without colour.
+        channels, under a random affine map so the grey level does not tell the colour);
+        those rows train the shape, fill and size heads only (no phrase, no colour), so
+        shape must be read without colour.
       checkpoint_every, keep_checkpoints, log_every: cadences.
     """
 
@@ -233,7 +234,9 @@ def subject_batch(enc: nested_lib.NestedEncoderConfig, index: dict, n: int, seed
     """``(pixels (n, S_img, S_img, 3), phrase labels (n,), attribute labels
     {"color", "shape", "fill", "size"} (n,) int)`` of ``make_pairs(n, seed, split, start)``'s
     subject images (labels: indices into the world's COLORS, SHAPES, FILLS, SIZES); rows of
-    the bool mask ``gray`` are turned to greyscale (ITU-R 601 luminance) first."""
+    the bool mask ``gray`` are turned to greyscale first (ITU-R 601 luminance under a random
+    affine map per image: gain ±[0.5, 1.5] about mid-grey, offset ±60; a pure function of
+    ``(seed, start)``)."""
     from jattn.world.pairs import make_pairs
     from jattn.world.spec import COLORS, FILLS, SHAPES, SIZES
 
@@ -243,7 +246,14 @@ def subject_batch(enc: nested_lib.NestedEncoderConfig, index: dict, n: int, seed
                        for c, s, f, z in zip(*(attrs[a] for a in ATTRIBUTES))], np.int32)
     images = d["subject_images"]
     if gray is not None and np.any(gray):
+        # luminance under a random affine map per image (sign, gain, offset): the grey level
+        # of an object must not tell its colour (each named colour has its own luminance)
+        rng = np.random.default_rng((seed, _STREAM, start))
+        sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        gain = rng.uniform(0.5, 1.5, n) * sign
+        offset = rng.uniform(-60.0, 60.0, n)
         lum = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        lum = 127.5 + gain[:, None, None] * (lum - 127.5) + offset[:, None, None]
         lum = np.repeat(np.clip(np.round(lum), 0, 255).astype(np.uint8)[..., None], 3, -1)
         images = np.where(np.asarray(gray)[:, None, None, None], lum, images)
     pixels = preprocess_clip_images(list(images), enc.processing)

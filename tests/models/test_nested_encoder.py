@@ -223,3 +223,40 @@ def test_weight_file_errors(tmp_path):
     tokens = jnp.zeros((1, 3, CTX + 1))
     with pytest.raises(N.NestedWeightsError, match="does not exist in this model"):
         N.nested_kv(params, tokens, SITES)
+
+
+def test_achromatic_view_and_resize_edge():
+    """``achromatic`` keeps a grey image as it is and gives equal channels of the luminance;
+    with ``achromatic_view`` the resampler reads the tower's tokens of both views (restated
+    by hand), the params are the one-view encoder's, and the config's JSON round-trips
+    (with ``resize_edge``: the preprocessing crops the centre). Breaks if the second view is
+    not the luminance, or is dropped, or the flags are lost in the weights file."""
+    import dataclasses
+
+    from jattn.models.clip_vision import CLIPVisionModelWithProjection
+    from jattn.models.resampler import Resampler
+
+    proc = TINY.processing
+    mean, std = np.asarray(proc.image_mean), np.asarray(proc.image_std)
+    grey = (np.full((1, 16, 16, 1), 0.3) - mean) / std
+    np.testing.assert_allclose(np.asarray(N.achromatic(jnp.asarray(grey, jnp.float32), proc)),
+                               grey, atol=1e-5)
+    px = _pixels()
+    lum = np.asarray(N.achromatic(px, proc)) * std + mean
+    np.testing.assert_allclose(lum[..., 0], lum[..., 2], atol=1e-5)
+    two = dataclasses.replace(TINY, achromatic_view=True, resize_edge=32)
+    assert N.NestedEncoderConfig.from_json(two.to_json()) == two
+    assert N.NestedEncoderConfig.from_json(TINY.to_json()) == TINY
+    assert two.processing.shortest_edge == 32 and two.processing.crop_height == 16
+    p = _params()
+    got = N.encode_subjects(p, two, px)
+    tower = CLIPVisionModelWithProjection(TINY.vision)
+    feats = [tower.apply({"params": p["image_encoder"]}, x, output_hidden_states=True)[
+        "hidden_states"][TINY.feature_layer] for x in (px, N.achromatic(px, proc))]
+    want = Resampler(TINY.resampler).apply({"params": p["resampler"]},
+                                           jnp.concatenate(feats, axis=1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert not np.allclose(np.asarray(got), np.asarray(N.encode_subjects(p, TINY, px)),
+                           atol=1e-3)
+    with pytest.raises(ValueError, match="resize_edge"):
+        dataclasses.replace(TINY, resize_edge=8)

@@ -117,5 +117,5 @@ def get_config(arg: str | None = None) -> PersonalizeConfig:
                                  keep_checkpoints=2, log_every=1)
     return PersonalizeConfig(variant=arg, batch_size=8, steps=STEPS, lr=2e-4, warmup_steps=200,
                              weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, snr_gamma=5.0,
-                             ip_scale=1.0, checkpoint_every=100, keep_checkpoints=2,
+                             ip_scale=1.0, subject_loss_weight=20.0, checkpoint_every=100, keep_checkpoints=2,
                              log_every=10)

@@ -77,12 +77,20 @@ def test_pair_batch_shapes_and_placeholder(base):
     from jattn.train import personalize as P
 
     cfg = _ns["tiny_config"]("nested")
-    pixels, latents, ids, pos = P.pair_batch(cfg, base, 3)
+    pixels, latents, ids, pos, mask = P.pair_batch(cfg, base, 3)
     assert pixels.shape == (2, 32, 32, 3) and latents.shape == (2, 16, 16, 4)
+    # the subject's box as latent-cell fractions: its area in pixels / 8² per cell
+    from jattn.world.pairs import make_pairs
+
+    d = make_pairs(2, cfg.data_seed, "train", start=6)
+    for i in range(2):
+        x0, y0, x1, y1 = d["target_boxes"][i, d["subject_index"][i]]
+        assert mask.shape == (2, 16, 16) and float(mask[i].min()) >= 0.0
+        np.testing.assert_allclose(float(mask[i].sum()) * 64, (x1 - x0) * (y1 - y0))
     tok = base.tokenizer("sks", add_special_tokens=False)["input_ids"][0]
     assert ids.shape == (2, 77) and all(int(ids[i, int(pos[i])]) == tok for i in range(2))
     again = P.pair_batch(cfg, base, 3)
-    for a, b in zip((pixels, latents, ids, pos), again):
+    for a, b in zip((pixels, latents, ids, pos, mask), again):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -1,14 +1,15 @@
 """Recipe: Nested Attention and its two baselines trained on the world's personalisation pairs.
 
-Command (each variant resumes from its newest checkpoint; run the same line again after a
+Command (every stage resumes from its newest checkpoint; run the same line again after a
 stop, a kill or the end of a session)::
 
-    python scripts/train_personalize.py --variant nested --out /work/ckpt/personalize_nested
-    python scripts/train_personalize.py --variant token --out /work/ckpt/personalize_token
-    python scripts/train_personalize.py --variant ip_adapter --out /work/ckpt/personalize_ip_adapter
-    # or all three in turn, in the background (what the sessions run):
-    nohup nice -n 10 bash scripts/train_personalize_all.sh /work/ckpt /work/logs \
-        > /work/logs/train_personalize.log 2>&1 &
+    setsid nohup nice -n 10 bash scripts/train_personalize_all.sh /work/ckpt /work/logs \
+        > /work/logs/train_personalize.log 2>&1 < /dev/null &
+    # = stage 0, then the three variants side by side:
+    python scripts/pretrain_vision.py --out /work/ckpt/vision_pretrain
+    python scripts/train_personalize.py --variant nested --out /work/ckpt/personalize_nested \
+        --vision-init /work/ckpt/vision_pretrain/vision.safetensors
+    # (the same with --variant token / ip_adapter)
 
 Data (jattn/world/pairs.py): pair i of step s is ``make_pairs(B, data_seed=0, "train",
 start=s·B)[i]`` — a subject image (the object alone near the centre of another background)
@@ -16,69 +17,81 @@ and a target scene (the same object, same silhouette/colour/fill/size, at one of
 positions, maybe beside another object) captioned with s*; 32 (colour, shape) pairs ×
 fills for training, 8 pairs (all fills) held out for the evaluation.
 
-Models: the bundled model (UNet, text encoder, VAE) frozen. Trained, the same for the three
-variants: the subject encoder of ``NestedEncoderConfig.bundled(96)`` (CLIP vision tower
-64², patch 8, width 128, 4 layers; perceiver resampler width 128, 2 blocks, R = 8 tokens;
-≈ 0.9 M parameters) plus
+Stage 0, the vision tower (:func:`vision_pretrain_config`, jattn/train/vision_pretrain.py):
+the paper's encoder starts from a pretrained, frozen CLIP image tower; the bundled model has
+none, and a tower trained from scratch through the diffusion loss learnt colour and not
+shape (session 11: identity 0.094, colour + shape 0.141, and 0.266 even on training
+subjects). So the tower is pretrained here the way CLIP was, against text: the softmax over
+the pooled, frozen bundled text encoder's embeddings of every training subject's words
+("a large red outlined circle"), plus linear attribute heads (colour, shape, fill, size)
+and greyscale rows under a random luminance map (shape, fill and size heads only). 800 steps
+of batch 128 of the training subjects' images, AdamW 1e-3 cosine: 10.9 min here.
+
+Models: the bundled model (UNet, text encoder, VAE) frozen, and the stage-0 tower frozen
+(``vision_init``). Trained, the same for the three variants: the perceiver resampler of
+``NestedEncoderConfig.bundled(96)`` (width 128, 2 blocks, R = 8 tokens) reading the tower's
+penultimate tokens of the 64² centre crop of the subject image resized to 128 and of its
+luminance view (``achromatic_view``: the colour view codes shape jointly with colour, the
+luminance view reads shape alone) plus
 
 * nested: per cross-attention site (5) nested to_k/to_v (96 -> N·H), from the site's
-  to_k/to_v, and the placeholder embedding ("sks", from "object"): 1.19 M parameters,
-  ≈ 4.8 MB float32;
+  to_k/to_v, and the placeholder embedding ("sks", from "object"): 4.56 MiB float32 with
+  the tower;
 * token: the resampler with one query of width 96 predicting s*'s input embedding;
 * ip_adapter: per-site to_k_ip/to_v_ip (from to_k/to_v), λ = 1, the placeholder embedding.
 
 Optimisation: AdamW lr 2e-4 (warmup 200, then constant), weight decay 0.01, clip 1.0,
 batch 8, EMA 0.999 (exported), the bundled model's objective (v-prediction, zero-terminal
-SNR schedule) with Min-SNR-γ 5, t uniform.
+SNR schedule) with Min-SNR-γ 5, t uniform, and the subject-region weighting
+``subject_loss_weight`` = 20 (the world's objects cover ~4 % of the image: unweighted, the
+subject is ~4 % of the loss; weighted, about half).
 
-Cost measured (this 2-core CPU shared with five other engineers' jobs, load average
-≈ 10, nice 10, batch 8): start-up ≈ 1 min (load, encoder init) + first compile ≈ 2–3 min,
-then 0.82 steps/s (≈ 1.2 s/step; the smoke run's 20 steps: 4 min with the compile).
-STEPS = 5000 per variant ≈ 1.7 h, the three variants in turn ≈ 5.3 h of wall time = two
-sessions of background training (a session's background job ends with the session; the
-driver line above resumes it).
+Cost measured (2026-11-30, this 2-core AMD EPYC CPU, nice 5, no other jobs): the three
+variants side by side at 1.3–2.0 steps/s each (the frozen tower needs no backward pass), 5000
+steps each in ≈ 50 min of wall time, after ≈ 1 min of start-up and compile.
 
-Expected: the loss falls below the loss with another subject's image (the encoder carries
-colour/shape/fill); the evaluation (scripts/eval_personalize.py, held-out subjects) tells
-identity and prompt alignment of the three variants.
+Measured (2026-11-30; the shipped nested weights and both baselines are this run): stage 0
+10.9 min; the variants side by side from 05:07 to 05:59 UTC (52 min of wall time for 5000
+steps each, two stop/resume cycles included). The region weighting was switched on at the
+first resume: steps 0–1950 (nested) / 0–2149 (token) / 0–2039 (ip_adapter) ran unweighted,
+the rest weighted (the driver above weights from step 0). Loss (100-step means,
+metrics.jsonl): 0.137 / 0.134 / 0.136 at the start, 0.087 / 0.076 / 0.084 before the
+switch; at the end weighted 0.294 / 0.246 / 0.241, unweighted mse 0.089 / 0.076 / 0.093.
+Held-out validation (``--export-only --validate``, weighted loss, right subject / another
+subject's image): nested 0.544 / 1.488, token 0.504 / 1.402, ip_adapter 0.430 / 1.337.
 
-Measured (nested, the background run of 2026-11-30, 5000 steps in 68 min of wall time at
-1.2–2.6 steps/s as the machine's load varied; metrics.jsonl, 100-step means): training loss
-0.136 (steps 1-100) -> 0.099 (800-900) -> ≈ 0.09 (4000-5000). Held-out validation
-(``--export-only --validate``: 32 held-out pairs, fixed t and noise, EMA weights), loss with
-the right subject / with another pair's subject: step 100 0.1995 / 0.1996 (no identity
-yet), step 1900 0.158 / 0.215, step 5000 0.154 / 0.218. A look at 8 held-out generations
-(25 DDIM steps) at step 5000: positions and colours mostly right, shapes mostly not (the
-encoder carries colour first); the detector evaluation decides whether to train longer.
+What the tower carries (``scripts/pretrain_vision.py``'s attributes.json, held-out subjects,
+logistic-regression probes fitted on training subjects): shape 0.012 for session 11's
+from-scratch tower, 0.121 (tokens) / 0.107 (pooled) for the pretrained tower's colour view,
+0.363 / 0.553 for its luminance view (chance 0.17; colour ≥ 0.99 everywhere); on training
+subjects the tower names the whole phrase right 0.97 of the time.
 
-Evaluation of the shipped nested weights (step 5000; ``python scripts/eval_personalize.py
---steps 25 --out DIR``, 2026-11-30: 64 single-subject cases on the 8 held-out (colour,
-shape) pairs, solid/outlined, prompts stating position and background, half with another
-object; 16 two-subject and 16 striped/dotted cases; seed 0, 25 steps, CFG 7.5; the world's
-detector), nested vs plain generation with the subject's words (token and ip_adapter: not
-trained yet at the time):
-                                               nested   plain
-    identity (colour, shape, fill)             0.094    0.609   goal ≥ 0.85
-      solid / outlined subjects            0.139/0.036  0.972/0.143
-    colour + shape                             0.141    0.734
-    colour alone                               0.734    1.000
-    alignment (position, background, other)    0.891    0.969   goal ≥ 0.85
-    two subjects: both identities              0.000    0.812   goal ≥ 0.7
-    striped/dotted: colour + shape             0.125    0.875
-  Subjects of training pairs (``--subject-split train``, 64 cases): identity 0.203, colour +
-  shape 0.266 — the encoder carries colour, not yet shape, on seen pairs too. λ = 2
-  (``--scale 2``): identity 0.094, alignment 0.812 (no gain). Baseline (a) token, an
-  intermediate check at step 2500/5000 (not the finished run): identity 0.125, colour +
-  shape 0.156, alignment 0.984, two subjects 0.000; held-out validation 0.145 / 0.224.
-  All three trained (5000 steps each), same cases, 03:58 run:
-                                    nested   token   ip_adapter   plain
-    identity                         0.094   0.078     0.062      0.609   goal ≥ 0.85
-    colour + shape                   0.141   0.078     0.125      0.734
-    alignment                        0.891   0.969     0.828      0.969   goal ≥ 0.85
-      other stated object            0.919   0.946     0.757      0.946
-    two subjects: both identities    0.000   0.000     0.000      0.812   goal ≥ 0.7
-  The paper's trade-off shows on alignment only (decoupled image attention loses it, nested
-  keeps more); identity is missed by all three: the encoder does not carry shape yet.
+Evaluation (``python scripts/eval_personalize.py --steps 25 --out DIR``: 64 single-subject
+cases on the 8 held-out (colour, shape) pairs, solid/outlined, prompts stating position and
+background, half with another object; 16 two-subject and 16 striped/dotted cases; seed 0,
+25 steps, CFG 7.5; the world's detector), and the same 64 single cases drawn from training
+subjects (``--subject-split train``, two-subject/patterned off):
+
+                                   nested   token   ip_adapter   plain
+    held-out identity               0.109   0.125     0.125      0.609   goal ≥ 0.85
+      colour / colour + shape   0.81/0.219 0.97/0.156 0.94/0.234 1.00/0.734
+    held-out alignment              0.859   0.906     0.625      0.969   goal ≥ 0.85
+      other stated object           0.784   0.838     0.351      0.946
+    two subjects: both identities   0.000   0.125     0.062      0.812   goal ≥ 0.7
+    striped/dotted: colour + shape  0.375   0.188     0.375      0.875
+    training subjects: identity     0.375   0.500     0.391      0.672
+      colour + shape                0.484   0.562     0.500      0.781
+      alignment                     0.859   0.891     0.750      0.984
+
+Nested, step by step (identity / colour + shape): session 11's from-scratch tower held-out
+0.094 / 0.141, training subjects 0.203 / 0.266; with the pretrained frozen tower, crop and
+luminance view, unweighted, step 1500 (32 cases) held-out 0.125 / 0.156, training subjects
+0.156 / 0.156; with the region weighting, step 3100 (32 training cases) 0.250 / 0.312; step
+5000 as in the table. The gap between training subjects (0.375) and held-out ones (0.109)
+is the tower's: its colour view codes shape with colour and the resampler, trained on 32
+(colour, shape) pairs, reads shape from it; plain generation from words (0.609, outlined
+0.143) bounds what this model draws.
+
 
 ``get_config("tiny")``: tiny sizes for the tests (with a tiny random base model).
 """
@@ -92,7 +105,7 @@ STEPS = 5000
 def vision_pretrain_config() -> VisionPretrainConfig:
     """Stage 0 (scripts/pretrain_vision.py): the vision tower, CLIP-style against the frozen
     bundled text encoder, on the training subjects' images."""
-    return VisionPretrainConfig(batch_size=128, steps=1200, lr=1e-3, warmup_steps=100,
+    return VisionPretrainConfig(batch_size=128, steps=800, lr=1e-3, warmup_steps=100,
                                 weight_decay=0.05)
 
 
@@ -117,5 +130,5 @@ def get_config(arg: str | None = None) -> PersonalizeConfig:
                                  keep_checkpoints=2, log_every=1)
     return PersonalizeConfig(variant=arg, batch_size=8, steps=STEPS, lr=2e-4, warmup_steps=200,
                              weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, snr_gamma=5.0,
-                             ip_scale=1.0, subject_loss_weight=20.0, checkpoint_every=100, keep_checkpoints=2,
-                             log_every=10)
+                             ip_scale=1.0, subject_loss_weight=20.0, checkpoint_every=100,
+                             keep_checkpoints=2, log_every=10)

@@ -88,7 +88,9 @@ Nested, step by step (identity / colour + shape): session 11's from-scratch towe
 luminance view, unweighted, step 1500 (32 cases) held-out 0.125 / 0.156, training subjects
 0.156 / 0.156; with the region weighting, step 3100 (32 training cases) 0.250 / 0.312; step
 5000 as in the table. The gap between training subjects (0.375) and held-out ones (0.109)
-is the tower's: its colour view codes shape with colour and the resampler, trained on 32
+is the tower's (2000 more weighted steps of nested alone, 7.5 min, not shipped: held-out
+0.109 / 0.219, training subjects 0.406 / 0.484 — steps do not close it): its colour view
+codes shape with colour and the resampler, trained on 32
 (colour, shape) pairs, reads shape from it; plain generation from words (0.609, outlined
 0.143) bounds what this model draws.
 

@@ -76,10 +76,11 @@ __all__ = ["NestedEncoderConfig", "SubjectEncoder", "NestedWeights", "encode_sub
            "save_nested_weights", "load_nested_weights", "nested_state_dict",
            "convert_nested_state_dict", "convert_authors_release", "diffusers_processor_order",
            "PLACEHOLDER_TOKEN", "FORMAT_VERSION", "NestedWeightsError", "cross_site_shapes",
-           "achromatic"]
+           "achromatic", "LUMA_601"]
 
 PLACEHOLDER_TOKEN = "sks"  # one BPE token of the CLIP vocabulary (id 48136)
 FORMAT_VERSION = 1
+LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
 _META_KEY = "jattn_nested"
 
 
@@ -246,7 +247,7 @@ def achromatic(pixel_values: Array, processing: CLIPImageProcessing) -> Array:
     mean = jnp.asarray(processing.image_mean, pixel_values.dtype)
     std = jnp.asarray(processing.image_std, pixel_values.dtype)
     raw = pixel_values * std + mean
-    lum = raw @ jnp.asarray([0.299, 0.587, 0.114], pixel_values.dtype)
+    lum = raw @ jnp.asarray(LUMA_601, pixel_values.dtype)
     return (lum[..., None] - mean) / std
 
 

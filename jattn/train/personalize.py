@@ -402,13 +402,14 @@ def pair_batch(cfg: PersonalizeConfig, base: BaseModel, step: int, *, split: str
 
 def _box_fractions(d: Mapping, hw: tuple[int, int]) -> np.ndarray:
     """``(B, h, w)`` float32: the fraction of each latent cell covered by the subject's box
-    (``target_boxes[i, subject_index[i]]``, pixels, x1/y1 exclusive)."""
+    (``target_boxes[i, subject_index[i]]``, pixels, x1/y1 exclusive), rasterised at pixel
+    resolution by :func:`jattn.methods.subjects.box_masks` and averaged per cell."""
+    from jattn.methods.subjects import box_masks
+
     n = len(d["subject_index"])
     size = d["target_images"].shape[1]
-    pix = np.zeros((n, size, size), np.float32)
-    for i in range(n):
-        x0, y0, x1, y1 = d["target_boxes"][i, d["subject_index"][i]]
-        pix[i, max(y0, 0): y1, max(x0, 0): x1] = 1.0
+    boxes = d["target_boxes"][np.arange(n), d["subject_index"]] / size
+    pix = box_masks(boxes, size, size)
     h, w = hw
     return pix.reshape(n, h, size // h, w, size // w).mean(axis=(2, 4))
 

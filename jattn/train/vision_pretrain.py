@@ -174,6 +174,11 @@ def _ce(logits: Array, labels: Array) -> Array:
     return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
+def _masked_mean(x: Array, w: Array) -> Array:
+    """Mean of ``x`` over the rows of weight ``w`` (0 when no row counts)."""
+    return jnp.sum(w * x) / jnp.maximum(w.sum(), 1.0)
+
+
 def contrastive_loss(params, pixels: Array, labels: Array, text: Array, attrs=None,
                      gray=None, *, enc: nested_lib.NestedEncoderConfig,
                      attribute_weight: float = 0.0) -> tuple[Array, dict]:
@@ -197,9 +202,8 @@ def contrastive_loss(params, pixels: Array, labels: Array, text: Array, attrs=No
     logits = scale * _normalize(img) @ txt.T
     colour_rows = (jnp.ones(labels.shape, jnp.float32) if gray is None
                    else 1.0 - gray.astype(jnp.float32))
-    n_col = jnp.maximum(colour_rows.sum(), 1.0)
-    phrase = jnp.sum(colour_rows * _ce(logits, labels)) / n_col
-    acc = jnp.sum(colour_rows * (jnp.argmax(logits, -1) == labels)) / n_col
+    phrase = _masked_mean(_ce(logits, labels), colour_rows)
+    acc = _masked_mean(jnp.argmax(logits, -1) == labels, colour_rows)
     metrics = {"accuracy": acc, "temperature": 1.0 / scale, "phrase_loss": phrase}
     loss = phrase
     if attribute_weight:
@@ -207,9 +211,8 @@ def contrastive_loss(params, pixels: Array, labels: Array, text: Array, attrs=No
         for a, h in params["heads"].items():
             lg = out["pooler_output"] @ h["kernel"] + h["bias"]
             w = colour_rows if a == "color" else jnp.ones_like(colour_rows)
-            terms.append(jnp.sum(w * _ce(lg, attrs[a])) / jnp.maximum(w.sum(), 1.0))
-            metrics[f"{a}_accuracy"] = jnp.sum(w * (jnp.argmax(lg, -1) == attrs[a])) / \
-                jnp.maximum(w.sum(), 1.0)
+            terms.append(_masked_mean(_ce(lg, attrs[a]), w))
+            metrics[f"{a}_accuracy"] = _masked_mean(jnp.argmax(lg, -1) == attrs[a], w)
         loss = loss + attribute_weight * sum(terms) / len(terms)
     return loss, metrics
 
@@ -255,7 +258,7 @@ def subject_batch(enc: nested_lib.NestedEncoderConfig, index: dict, n: int, seed
         sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
         gain = rng.uniform(0.5, 1.5, n) * sign
         offset = rng.uniform(-60.0, 60.0, n)
-        lum = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        lum = images.astype(np.float32) @ np.array(nested_lib.LUMA_601, np.float32)
         lum = 127.5 + gain[:, None, None] * (lum - 127.5) + offset[:, None, None]
         lum = np.repeat(np.clip(np.round(lum), 0, 255).astype(np.uint8)[..., None], 3, -1)
         images = np.where(np.asarray(gray)[:, None, None, None], lum, images)
